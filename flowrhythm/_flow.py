@@ -1,0 +1,431 @@
+"""Flow: the builder (set_*/add_*) and the lifecycle (run, start/wait/stop, async with)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from ._callables import callable_name, producer_source, stage_callable
+from ._errors import add_note
+from ._plan import Plan, Source, StagePlan
+from ._run import Run, current_run
+from ._stats import StageCounters, StageStats
+from .scaling import FixedScaling, ScalingStrategy, _check_int
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+#: the default capacity of each stage's input buffer
+DEFAULT_BUFFER_SIZE = 64
+
+
+class Flow:
+    """A pipeline: one producer, chained transformer stages, one consumer.
+
+    Configure it with the ``set_*``/``add_*`` methods, then run it in one of three
+    ways: ``await flow.run()`` (or ``await tg.start(flow.run)`` in your own task
+    group), ``async with flow: await flow.start()``, or, on asyncio,
+    ``await flow.start(); await flow.wait()``.
+
+    :param default_scaling_strategy: the strategy of stages configured without one
+        (default: one worker per stage)
+    :param buffer_size: the capacity of each stage's input buffer, unless the stage
+        sets its own
+    :param clock: the time source for stats and scaling (default: the event loop's
+        clock); tests pass a fake one
+    """
+
+    def __init__(
+        self,
+        *,
+        default_scaling_strategy: ScalingStrategy | None = None,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._default_scaling: ScalingStrategy = FixedScaling(1)
+        if default_scaling_strategy is not None:
+            self._default_scaling = _check_strategy(
+                default_scaling_strategy, "default_scaling_strategy"
+            )
+        _check_int("buffer_size", buffer_size, minimum=0)
+        if clock is not None and not callable(clock):
+            raise TypeError(
+                f"clock must be a callable returning seconds, got {clock!r}"
+            )
+        self._buffer_size = buffer_size
+        self._clock = clock
+        self._source: Source | None = None
+        self._transformers: list[StagePlan] = []
+        self._consumer: StagePlan | None = None
+        self._error_handler: Any = None
+        self._run: Run | None = None
+        self._host: TaskGroup | None = None
+        self._background: asyncio.Task[None] | None = None
+        self._failure_delivered = False
+
+    # -- configuration --------------------------------------------------------------
+
+    def set_producer(self, producer: Any) -> None:
+        """Set where items come from.
+
+        :param producer: an async generator function, an async iterable, a
+            zero-argument callable returning one, or an async context manager
+            factory yielding one; it runs as exactly one task
+        """
+        self._check_configurable()
+        self._source = producer_source(producer)
+
+    def add_transformer(
+        self,
+        transformer: Any,
+        *,
+        name: str | None = None,
+        scaling_strategy: ScalingStrategy | None = None,
+        buffer_size: int | None = None,
+    ) -> None:
+        """Append a stage that maps each item to a new one.
+
+        :param transformer: ``async def f(item) -> result``, or a zero-argument
+            factory of async context managers yielding such a function (entered
+            once per worker)
+        :param name: the stage's name in stats (default: the callable's name)
+        :param scaling_strategy: this stage's strategy (default: the flow's)
+        :param buffer_size: capacity of this stage's input buffer (default: the
+            flow's)
+        """
+        self._check_configurable()
+        name = self._stage_name(name, transformer, "transformer")
+        self._transformers.append(
+            self._stage_plan(
+                "transformer", name, transformer, scaling_strategy, buffer_size
+            )
+        )
+
+    def set_consumer(
+        self,
+        consumer: Any,
+        *,
+        name: str | None = None,
+        scaling_strategy: ScalingStrategy | None = None,
+        buffer_size: int | None = None,
+    ) -> None:
+        """Set the sink: ``async def f(item)``, or a context manager factory as for
+        :meth:`add_transformer`. Its return value is ignored."""
+        self._check_configurable()
+        previous, self._consumer = self._consumer, None
+        try:
+            name = self._stage_name(name, consumer, "consumer")
+            self._consumer = self._stage_plan(
+                "consumer", name, consumer, scaling_strategy, buffer_size
+            )
+        except BaseException:
+            self._consumer = previous
+            raise
+
+    def set_error_handler(self, error_handler: Any) -> None:
+        """Set what receives failed items: ``async def handler(item, exc)``, or a
+        zero-argument factory of async context managers yielding one (entered once
+        per run). Without one, failures are logged on the ``flowrhythm`` logger."""
+        self._check_configurable()
+        self._error_handler = stage_callable(error_handler, "error handler", arity=2)
+
+    def set_default_scaling_strategy(self, strategy: ScalingStrategy) -> None:
+        """Set the strategy of every stage configured without its own."""
+        self._check_configurable()
+        self._default_scaling = _check_strategy(strategy, "default_scaling_strategy")
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the flow to completion in the calling task.
+
+        Works with ``await task_group.start(flow.run)``: started is signalled once
+        every stage has its initial workers.
+
+        :raises RuntimeError: if the flow was started before
+        :raises BaseException: the flow's first fatal error, as itself
+        """
+        run = self._begin()
+        try:
+            await run.execute(task_status)
+        except BaseException as exc:
+            if exc is run.fatal:
+                self._failure_delivered = True
+            raise
+
+    async def start(self) -> None:
+        """Start the flow and return once every stage has its initial workers.
+
+        Inside ``async with flow:`` the flow runs in the block's task group. Outside
+        one, on asyncio, it runs in a background task the flow owns; join it with
+        :meth:`wait`. Trio has no such tasks: use ``async with`` or
+        ``nursery.start(flow.run)``.
+        """
+        if self._host is not None:
+            await self._host.start(self._run_hosted)
+            return
+        if anyio.get_cancelled_exc_class() is not asyncio.CancelledError:
+            raise RuntimeError(
+                "flow.start() outside 'async with flow:' needs asyncio; on this event "
+                "loop, use 'async with flow: await flow.start()' or "
+                "'await nursery.start(flow.run)'"
+            )
+        run = self._begin()
+        loop = asyncio.get_running_loop()
+        status = _FutureStatus(loop.create_future())
+        self._background = loop.create_task(_run_quietly(run, status))
+        try:
+            await asyncio.wait(
+                {status.future, self._background}, return_when="FIRST_COMPLETED"
+            )
+        except BaseException:
+            run.abort()
+            raise
+        if not status.future.done():
+            assert run.fatal is not None
+            self._failure_delivered = True
+            raise run.fatal
+
+    async def wait(self) -> None:
+        """Wait until the flow has finished; raise its fatal error, if it had one.
+
+        :raises RuntimeError: if the flow was never started
+        """
+        run = self._require_run("wait for")
+        await self._join(run)
+        self._raise_failure(run)
+
+    async def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the flow and wait until it has finished.
+
+        :param drain: ``True`` stops the producer and lets every item already inside
+            finish; ``False`` aborts at once (workers cancelled, context managers
+            exited, unfinished items counted as dropped)
+        :param timeout: seconds a drain may take before it turns into an abort
+        :raises RuntimeError: if the flow was never started
+
+        Called from inside the flow (a stage, the producer, the error handler), it
+        only requests the stop and returns, since the flow cannot wait for itself.
+        """
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+            if timeout < 0:
+                raise ValueError(f"timeout must be >= 0, got {timeout!r}")
+        run = self._require_run("stop")
+        if run.state == "finished":
+            return
+        if drain:
+            run.request_drain()
+        else:
+            run.abort()
+        if current_run.get() is run:
+            return
+        if drain and timeout is not None:
+            with anyio.move_on_after(timeout):
+                await run.finished.wait()
+            if not run.finished.is_set():
+                run.abort()
+        await self._join(run)
+        self._raise_failure(run)
+
+    def stats(self) -> Mapping[str, StageStats]:
+        """Return a snapshot of every stage, by stage name, in pipeline order.
+
+        Readable before, during and after a run; once a run has ended,
+        ``received == processed + errors + dropped`` holds for every stage.
+        """
+        if self._run is not None:
+            return {
+                counters.name: counters.snapshot() for counters in self._run.counters
+            }
+        return {
+            plan.name: StageCounters(plan.name).snapshot()
+            for plan in self._stage_plans()
+        }
+
+    # -- async with -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._host is not None or self._run is not None:
+            raise RuntimeError("this flow was already entered or started")
+        host = anyio.create_task_group()
+        await host.__aenter__()
+        self._host = host
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        host, run = self._host, self._run
+        assert host is not None
+        self._host = None
+        cancelled = anyio.get_cancelled_exc_class()
+        if exc is not None and not isinstance(exc, cancelled):
+            # The block failed: abort the flow, then let the block's error propagate.
+            if run is not None:
+                run.abort()
+            await host.__aexit__(None, None, None)
+            if run is not None and run.fatal is not None and run.fatal is not exc:
+                add_note(exc, f"the flow also failed while stopping: {run.fatal!r}")
+            return None
+        if exc is not None:
+            # Cancelled: from outside, or by us because the flow failed.
+            handled = await host.__aexit__(exc_type, exc, tb)
+            if (
+                run is not None
+                and run.fatal is not None
+                and not self._failure_delivered
+            ):
+                self._failure_delivered = True
+                raise run.fatal
+            return handled
+        await host.__aexit__(None, None, None)
+        if run is None:
+            raise RuntimeError(
+                "the flow was never started: call 'await flow.start()' inside "
+                "'async with flow:'"
+            )
+        if run.fatal is not None and not self._failure_delivered:
+            self._raise_failure(run)
+        return None
+
+    # -- internals ------------------------------------------------------------------
+
+    async def _run_hosted(self, *, task_status: TaskStatus[None]) -> None:
+        run = self._begin()
+        try:
+            await run.execute(task_status)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException:
+            if not run.started:
+                raise  # host.start() raises it in the block
+            # Stop the block's body; __aexit__ raises the failure as itself.
+            if self._host is not None:
+                self._host.cancel_scope.cancel()
+
+    def _begin(self) -> Run:
+        if self._run is not None:
+            raise RuntimeError(
+                f"this flow was already started (it is {self._run.state})"
+            )
+        run = Run(self._plan())
+        self._run = run
+        return run
+
+    async def _join(self, run: Run) -> None:
+        await run.finished.wait()
+        if self._background is not None:
+            await asyncio.wait({self._background})
+
+    def _raise_failure(self, run: Run) -> None:
+        if run.fatal is not None:
+            self._failure_delivered = True
+            raise run.fatal
+
+    def _require_run(self, what: str) -> Run:
+        if self._run is None:
+            raise RuntimeError(f"cannot {what} a flow that was never started")
+        return self._run
+
+    def _check_configurable(self) -> None:
+        if self._run is not None:
+            raise RuntimeError("a flow cannot be configured after it has started")
+
+    def _stage_plans(self) -> list[StagePlan]:
+        plans = list(self._transformers)
+        if self._consumer is not None:
+            plans.append(self._consumer)
+        return plans
+
+    def _stage_name(self, name: str | None, obj: object, kind: str) -> str:
+        if name is None:
+            name = callable_name(obj) or kind
+        elif not isinstance(name, str) or not name:
+            raise TypeError(f"{kind} name must be a non-empty str, got {name!r}")
+        taken = {plan.name for plan in self._stage_plans()}
+        if name in taken:
+            raise ValueError(
+                f"a stage named {name!r} already exists; pass a unique name= to "
+                f"tell the stages apart"
+            )
+        return name
+
+    def _stage_plan(
+        self,
+        kind: str,
+        name: str,
+        obj: object,
+        scaling_strategy: ScalingStrategy | None,
+        buffer_size: int | None,
+    ) -> StagePlan:
+        role = f"{kind} {name!r}"
+        call = stage_callable(obj, role, arity=1)
+        if scaling_strategy is not None:
+            _check_strategy(scaling_strategy, f"{role}: scaling_strategy")
+        if buffer_size is not None:
+            _check_int(f"{role}: buffer_size", buffer_size, minimum=0)
+        return StagePlan(name, kind, call, scaling_strategy, buffer_size)
+
+    def _plan(self) -> Plan:
+        if self._source is None:
+            raise RuntimeError(
+                "the flow has no producer: call flow.set_producer() first"
+            )
+        if self._consumer is None:
+            raise RuntimeError(
+                "the flow has no consumer: call flow.set_consumer() first"
+            )
+        return Plan(
+            source=self._source,
+            stages=tuple(self._stage_plans()),
+            error_handler=self._error_handler,
+            default_scaling=self._default_scaling,
+            default_buffer_size=self._buffer_size,
+            clock=self._clock,
+        )
+
+    def __repr__(self) -> str:
+        names = " -> ".join(plan.name for plan in self._stage_plans()) or "no stages"
+        state = self._run.state if self._run is not None else "not started"
+        return f"<Flow {names} ({state})>"
+
+
+def _check_strategy(strategy: object, what: str) -> ScalingStrategy:
+    if not isinstance(strategy, ScalingStrategy):
+        raise TypeError(
+            f"{what} must be a ScalingStrategy (FixedScaling, UtilizationScaling or a "
+            f"subclass), got {strategy!r}"
+        )
+    return strategy
+
+
+class _FutureStatus(TaskStatus[None]):
+    """A task status that resolves an asyncio future (for the background task)."""
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+
+    def started(self, value: None = None) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+async def _run_quietly(run: Run, status: _FutureStatus) -> None:
+    # The outcome lives on the run (fatal) and is raised by wait()/stop().
+    try:
+        await run.execute(status)
+    except BaseException:
+        if run.fatal is None:
+            raise

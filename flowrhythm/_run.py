@@ -1,0 +1,240 @@
+"""One execution of a plan: the task group, the streams, the producer, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+import anyio
+from anyio import WouldBlock
+from anyio.abc import TaskStatus
+from anyio.lowlevel import checkpoint
+from anyio.streams.memory import MemoryObjectSendStream
+
+from ._callables import exit_async_cm
+from ._errors import add_note
+from ._plan import Plan
+from ._stage import CHECKPOINT_EVERY, Stage
+from ._stats import StageCounters
+
+logger = logging.getLogger("flowrhythm")
+
+#: the run whose tasks the current task belongs to (stop() must not wait for itself)
+current_run: ContextVar[Run | None] = ContextVar("flowrhythm_current_run", default=None)
+
+
+def default_clock() -> Callable[[], float]:
+    """Return the running event loop's clock (cheaper than ``anyio.current_time``)."""
+    if anyio.get_cancelled_exc_class() is asyncio.CancelledError:
+        return asyncio.get_running_loop().time
+    import trio
+
+    return trio.current_time
+
+
+async def log_error(item: Any, exc: BaseException) -> None:
+    """The error handler of a flow that was given none: log and go on."""
+    logger.error("item %r failed", item, exc_info=exc)
+
+
+class Run:
+    """Everything one run of a flow owns. Created and used inside the event loop."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.clock = plan.clock or default_clock()
+        self.counters = [StageCounters(stage.name) for stage in plan.stages]
+        self.state = "created"  # -> running -> finished
+        self.started = False
+        self.finished = anyio.Event()
+        self.fatal: BaseException | None = None
+        self.drain_requested = False
+        self.abort_requested = False
+        self._scope = anyio.CancelScope()
+        self._producer_scope: anyio.CancelScope | None = None
+        self._producer_sending = False
+        self._pending_ready = 0
+        self._ready = anyio.Event()
+        self._error_fn: Callable[[Any, BaseException], Any] = log_error
+
+    # -- control, callable from any task -------------------------------------------
+
+    def request_drain(self) -> None:
+        """Stop the producer; let everything already inside the flow finish."""
+        self.drain_requested = True
+        # A producer blocked handing an item over keeps it: the item is inside.
+        if self._producer_scope is not None and not self._producer_sending:
+            self._producer_scope.cancel()
+
+    def abort(self) -> None:
+        """Cancel every task of the run at once."""
+        self.abort_requested = True
+        self.drain_requested = True
+        self._scope.cancel()
+
+    def fail(self, exc: BaseException, note: str) -> None:
+        """Record a fatal error and abort; the first one is what the run raises."""
+        if self.fatal is None:
+            if not _has_our_note(exc):
+                add_note(exc, note)
+            self.fatal = exc
+        elif exc is not self.fatal:
+            add_note(self.fatal, f"also {note} while the flow was stopping: {exc!r}")
+            logger.error("flow error while stopping after a failure", exc_info=exc)
+        self.abort()
+
+    def worker_ready(self) -> None:
+        self._pending_ready -= 1
+        if self._pending_ready == 0:
+            self._ready.set()
+
+    # -- the run itself -------------------------------------------------------------
+
+    async def execute(self, task_status: TaskStatus[None]) -> None:
+        token = current_run.set(self)
+        self.state = "running"
+        try:
+            with self._scope:
+                await self._run_with_error_handler(task_status)
+        except anyio.get_cancelled_exc_class():
+            # Cancelled from outside: a fatal error seen while stopping still wins.
+            if self.fatal is None:
+                raise
+        finally:
+            for counters in self.counters:
+                counters.settled = True
+            self.state = "finished"
+            self.finished.set()
+            current_run.reset(token)
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _run_with_error_handler(self, task_status: TaskStatus[None]) -> None:
+        handler = self.plan.error_handler
+        if handler is None:
+            await self._run_stages(task_status)
+            return
+        if handler.fn is not None:
+            self._error_fn = handler.fn
+            await self._run_stages(task_status)
+            return
+        assert handler.factory is not None
+        try:
+            cm = handler.factory()
+            self._error_fn = await handler.enter(cm)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:
+            self.fail(exc, "raised while entering the error handler's context")
+            return
+        try:
+            await self._run_stages(task_status)
+        except BaseException as exc:
+            await exit_async_cm(cm, exc)
+            raise
+        try:
+            await exit_async_cm(cm, None)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:
+            self.fail(exc, "raised while exiting the error handler's context")
+
+    async def _run_stages(self, task_status: TaskStatus[None]) -> None:
+        plan = self.plan
+        first_send, inbox = anyio.create_memory_object_stream[Any](
+            plan.buffer_for(plan.stages[0])
+        )
+        stages: list[tuple[Stage, int]] = []
+        for index, stage_plan in enumerate(plan.stages):
+            if index + 1 < len(plan.stages):
+                outbox, next_inbox = anyio.create_memory_object_stream[Any](
+                    plan.buffer_for(plan.stages[index + 1])
+                )
+                next_counters: StageCounters | None = self.counters[index + 1]
+            else:
+                outbox = None
+                next_inbox = None
+                next_counters = None
+            strategy = plan.scaling_for(stage_plan)
+            initial = strategy.initial_workers()
+            stage = Stage(
+                self, stage_plan, strategy, self.counters[index], inbox, outbox,
+                next_counters,
+            )  # fmt: skip
+            stages.append((stage, initial))
+            self._pending_ready += initial
+            if next_inbox is not None:
+                inbox = next_inbox
+
+        async with anyio.create_task_group() as tg:
+            for stage, initial in stages:
+                tg.start_soon(stage.supervise, initial, name=f"{stage.plan.name}-stage")
+            if self._pending_ready:
+                await self._ready.wait()
+            tg.start_soon(self._produce, first_send, name="flowrhythm-producer")
+            self.started = True
+            task_status.started()
+
+    async def _produce(self, send: MemoryObjectSendStream[Any]) -> None:
+        counters = self.counters[0]
+        clock = self.clock
+        send_nowait = send.send_nowait
+        try:
+            with anyio.CancelScope() as self._producer_scope:
+                if self.drain_requested:
+                    return
+                async with self.plan.source() as iterator:
+                    anext = iterator.__anext__
+                    budget = CHECKPOINT_EVERY
+                    while not self.drain_requested:
+                        try:
+                            item = await anext()
+                        except StopAsyncIteration:
+                            break
+                        counters.offered += 1
+                        try:
+                            send_nowait(item)
+                        except WouldBlock:
+                            self._producer_sending = True
+                            try:
+                                counters.last_enqueue_at = clock()
+                                await send.send(item)
+                            finally:
+                                self._producer_sending = False
+                            budget = CHECKPOINT_EVERY
+                        del item
+                        budget -= 1
+                        if not budget:
+                            budget = CHECKPOINT_EVERY
+                            counters.last_enqueue_at = clock()
+                            await checkpoint()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:
+            self.fail(exc, "raised by the producer")
+        finally:
+            send.close()
+
+    async def route_error(self, stage: Stage, item: Any, exc: Exception) -> None:
+        """Hand a failed item to the error handler; its own failure is fatal."""
+        stage.counters.last_error_at = self.clock()
+        try:
+            await self._error_fn(item, exc)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as handler_exc:
+            add_note(
+                handler_exc,
+                f"raised by the error handler for an item that failed in "
+                f"{stage.plan.call.role}",
+            )
+            raise
+        stage.counters.errors += 1
+
+
+def _has_our_note(exc: BaseException) -> bool:
+    notes = getattr(exc, "__notes__", ())
+    return any(note.startswith("flowrhythm:") for note in notes)

@@ -1,0 +1,137 @@
+"""Per-stage statistics: the public snapshot and the live counters behind it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StageStats:
+    """A point-in-time snapshot of one stage, as returned by :meth:`Flow.stats`.
+
+    Times are in seconds on the flow's clock (the event loop's clock unless the flow
+    was given another). Counters cover the whole run so far.
+    """
+
+    #: the stage's name, as given to ``add_transformer``/``set_consumer`` or derived
+    #: from the callable's ``__name__``
+    stage_name: str
+    #: workers running the stage's callable on an item right now
+    busy_workers: int
+    #: workers waiting for input
+    idle_workers: int
+    #: workers that finished an item and wait for room downstream (back-pressure)
+    blocked_workers: int
+    #: items in the stage's input buffer, or being handed to it by an upstream sender
+    queue_length: int
+    #: when the input queue last became non-empty (``None`` while it is empty); the
+    #: oldest waiting item has waited at most ``now - oldest_item_enqueued_at``
+    oldest_item_enqueued_at: float | None
+    #: last time an item was seen entering the stage's input (refreshed at least every
+    #: 64 items and whenever a sender has to wait)
+    last_enqueue_at: float | None
+    #: last time a worker was seen taking an item (same refresh rule)
+    last_dequeue_at: float | None
+    #: last time the stage gained workers after the start
+    last_scale_up_at: float | None
+    #: last time the stage lost workers before the end
+    last_scale_down_at: float | None
+    #: last time an item failed in this stage
+    last_error_at: float | None
+    #: items that reached the stage: taken by a worker, or (once an abort ended the run)
+    #: still waiting in or being handed to its input
+    received: int
+    #: items the stage's callable finished (for the consumer: items consumed)
+    processed: int
+    #: items that failed here and were handed to the error handler
+    errors: int
+    #: items an abort cut while they were queued for, or in the hands of, this stage
+    dropped: int
+
+    def total_workers(self) -> int:
+        """Return the number of workers the stage runs (busy, idle and blocked)."""
+        return self.busy_workers + self.idle_workers + self.blocked_workers
+
+    def utilization(self) -> float:
+        """Return the share of workers that are busy, from 0.0 to 1.0.
+
+        A stage with no workers reads as 0.0.
+        """
+        total = self.total_workers()
+        return self.busy_workers / total if total else 0.0
+
+
+class StageCounters:
+    """The live, mutable counters of one stage.
+
+    Plain attributes updated in place by the stage's workers and by the senders
+    upstream; nothing here allocates or locks on the hot path.
+    """
+
+    __slots__ = (
+        "blocked",
+        "errors",
+        "idle",
+        "last_dequeue_at",
+        "last_enqueue_at",
+        "last_error_at",
+        "last_scale_down_at",
+        "last_scale_up_at",
+        "name",
+        "nonempty_since",
+        "offered",
+        "processed",
+        "settled",
+        "taken",
+        "workers",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: items handed (or being handed) to the stage's input by upstream
+        self.offered = 0
+        #: items a worker took from the input
+        self.taken = 0
+        self.processed = 0
+        self.errors = 0
+        self.workers = 0
+        self.idle = 0
+        self.blocked = 0
+        self.nonempty_since: float | None = None
+        self.last_enqueue_at: float | None = None
+        self.last_dequeue_at: float | None = None
+        self.last_scale_up_at: float | None = None
+        self.last_scale_down_at: float | None = None
+        self.last_error_at: float | None = None
+        #: set once the run has ended: every offered item is then accounted for
+        self.settled = False
+
+    def snapshot(self) -> StageStats:
+        busy = self.workers - self.idle - self.blocked
+        if self.settled:
+            # After the run every offered item reached the stage; whatever it did not
+            # finish or route to the error handler was cut by an abort.
+            received = self.offered
+            dropped = self.offered - self.processed - self.errors
+            queue_length = 0
+        else:
+            received = self.taken
+            dropped = 0
+            queue_length = self.offered - self.taken
+        return StageStats(
+            stage_name=self.name,
+            busy_workers=busy,
+            idle_workers=self.idle,
+            blocked_workers=self.blocked,
+            queue_length=queue_length,
+            oldest_item_enqueued_at=self.nonempty_since if queue_length else None,
+            last_enqueue_at=self.last_enqueue_at,
+            last_dequeue_at=self.last_dequeue_at,
+            last_scale_up_at=self.last_scale_up_at,
+            last_scale_down_at=self.last_scale_down_at,
+            last_error_at=self.last_error_at,
+            received=received,
+            processed=self.processed,
+            errors=self.errors,
+            dropped=dropped,
+        )

@@ -1,0 +1,191 @@
+"""Scaling strategies: how many workers each stage runs."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ._stats import StageStats
+
+__all__ = (
+    "FixedScaling",
+    "ScalingPolicy",
+    "ScalingStrategy",
+    "UtilizationScaling",
+)
+
+
+@runtime_checkable
+class ScalingPolicy(Protocol):
+    """The shape the runtime needs from a scaling strategy.
+
+    Every hook is synchronous and returns a change in the worker count: positive
+    adds workers, negative retires idle ones, zero leaves the pool alone. The
+    runtime clamps the result to ``[min_workers, max_workers]``.
+    """
+
+    min_workers: int
+    max_workers: int
+
+    def initial_workers(self) -> int: ...
+    def on_enqueue(self, stats: StageStats) -> int: ...
+    def on_dequeue(self, stats: StageStats) -> int: ...
+    def on_tick(self, stats: StageStats) -> int: ...
+
+
+class ScalingStrategy:
+    """Base class for scaling strategies; subclass it to write your own.
+
+    The defaults keep ``initial_workers()`` workers and never change the pool.
+    A strategy instance may be the default of many stages: the runtime gives each
+    stage its own shallow copy (see :meth:`for_stage`), so state kept on ``self``
+    never leaks from one stage to another.
+    """
+
+    #: the pool never shrinks below this
+    min_workers: int = 1
+    #: the pool never grows beyond this
+    max_workers: int = 1
+    #: consult ``on_enqueue``/``on_dequeue`` once every this many events (1 = always)
+    sampling_events: int = 1
+    #: seconds between ``on_tick`` calls while the stage runs (0 = never)
+    sampling_period: float = 0.0
+
+    def initial_workers(self) -> int:
+        """Return how many workers the stage starts with."""
+        return self.min_workers
+
+    def on_enqueue(self, stats: StageStats) -> int:
+        """Called (behind the sampling gate) when items enter the stage's input."""
+        return 0
+
+    def on_dequeue(self, stats: StageStats) -> int:
+        """Called (behind the sampling gate) when workers take items."""
+        return 0
+
+    def on_tick(self, stats: StageStats) -> int:
+        """Called every ``sampling_period`` seconds, even when no item moves."""
+        return 0
+
+    def for_stage(self, stage_name: str) -> ScalingStrategy:
+        """Return the instance one stage will use; by default a shallow copy."""
+        return copy.copy(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(min_workers={self.min_workers}, max_workers={self.max_workers})"
+
+
+class FixedScaling(ScalingStrategy):
+    """Keep a constant number of workers for the stage.
+
+    :param workers: the number of workers, at least 1
+    """
+
+    def __init__(self, workers: int = 1) -> None:
+        _check_int("workers", workers, minimum=1)
+        self.workers = workers
+        self.min_workers = self.max_workers = workers
+
+    def __repr__(self) -> str:
+        return f"FixedScaling(workers={self.workers})"
+
+
+class UtilizationScaling(ScalingStrategy):
+    """Grow a stage whose workers are busy, shrink one whose workers sit idle.
+
+    .. note:: Until the scaling controller lands, a stage with this strategy keeps
+       ``min_workers`` workers (at least one) for its whole run; the parameters
+       are validated and stored but do not change the pool yet.
+
+    :param min_workers: the pool never shrinks below this (0 allows scale to zero)
+    :param max_workers: the pool never grows beyond this
+    :param lower_utilization: below this share of busy workers the stage shrinks
+    :param upper_utilization: above this share of busy workers the stage grows
+    :param upscaling_rate: workers added per scale-up decision
+    :param downscaling_rate: workers retired per scale-down decision
+    :param cooldown_seconds: minimum time between two scale events of the stage
+    :param dampening: weight of the newest utilization sample in the moving average
+        (1.0 = no smoothing)
+    :param sampling_period: seconds between periodic checks
+    :param sampling_events: enqueue/dequeue events between event-driven checks
+    """
+
+    def __init__(
+        self,
+        min_workers: int = 1,
+        max_workers: int = 8,
+        lower_utilization: float = 0.2,
+        upper_utilization: float = 0.8,
+        upscaling_rate: int = 2,
+        downscaling_rate: int = 1,
+        cooldown_seconds: float = 5.0,
+        dampening: float = 0.5,
+        sampling_period: float = 2.0,
+        sampling_events: int = 50,
+    ) -> None:
+        _check_int("min_workers", min_workers, minimum=0)
+        _check_int("max_workers", max_workers, minimum=1)
+        if min_workers > max_workers:
+            raise ValueError(
+                f"min_workers ({min_workers}) must not exceed max_workers ({max_workers})"
+            )
+        _check_real("lower_utilization", lower_utilization)
+        _check_real("upper_utilization", upper_utilization)
+        if not 0.0 <= lower_utilization < upper_utilization <= 1.0:
+            raise ValueError(
+                "utilization bounds must satisfy 0 <= lower_utilization < "
+                f"upper_utilization <= 1, got lower_utilization={lower_utilization!r} "
+                f"and upper_utilization={upper_utilization!r}"
+            )
+        _check_int("upscaling_rate", upscaling_rate, minimum=1)
+        _check_int("downscaling_rate", downscaling_rate, minimum=1)
+        _check_real("cooldown_seconds", cooldown_seconds, minimum=0.0)
+        _check_real("dampening", dampening)
+        if not 0.0 < dampening <= 1.0:
+            raise ValueError(f"dampening must be in (0, 1], got {dampening!r}")
+        _check_real("sampling_period", sampling_period, minimum=0.0)
+        _check_int("sampling_events", sampling_events, minimum=0)
+        self.min_workers = min_workers
+        self.max_workers = max_workers
+        self.lower_utilization = float(lower_utilization)
+        self.upper_utilization = float(upper_utilization)
+        self.upscaling_rate = upscaling_rate
+        self.downscaling_rate = downscaling_rate
+        self.cooldown_seconds = float(cooldown_seconds)
+        self.dampening = float(dampening)
+        self.sampling_period = float(sampling_period)
+        self.sampling_events = sampling_events
+
+    def initial_workers(self) -> int:
+        return max(self.min_workers, 1)
+
+    def __repr__(self) -> str:
+        return (
+            f"UtilizationScaling(min_workers={self.min_workers}, "
+            f"max_workers={self.max_workers}, "
+            f"lower_utilization={self.lower_utilization}, "
+            f"upper_utilization={self.upper_utilization}, "
+            f"upscaling_rate={self.upscaling_rate}, "
+            f"downscaling_rate={self.downscaling_rate}, "
+            f"cooldown_seconds={self.cooldown_seconds}, dampening={self.dampening}, "
+            f"sampling_period={self.sampling_period}, "
+            f"sampling_events={self.sampling_events})"
+        )
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_real(name: str, value: object, *, minimum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
