@@ -175,7 +175,7 @@ async def _iterate(source: Any) -> AsyncIterator[AsyncIterator[Any]]:
     finally:
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
-            await run_cleanup(aclose, cancelled=_in_cancelled_scope())
+            await run_cleanup(aclose, cancelled=in_cancelled_scope())
 
 
 async def exit_async_cm(cm: Any, exc: BaseException | None) -> None:
@@ -210,7 +210,7 @@ async def run_cleanup(fn: Callable[[], Awaitable[Any]], *, cancelled: bool) -> N
         )
 
 
-def _in_cancelled_scope() -> bool:
+def in_cancelled_scope() -> bool:
     # Called from a finally block: tells whether cleanup must be shielded.
     return anyio.current_effective_deadline() == float("-inf")
 

@@ -12,13 +12,14 @@ import anyio
 from anyio import WouldBlock
 from anyio.abc import TaskStatus
 from anyio.lowlevel import checkpoint
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._callables import exit_async_cm
 from ._errors import add_note
 from ._plan import Plan
 from ._stage import CHECKPOINT_EVERY, Stage
 from ._stats import StageCounters
+from .scaling import ScalingPolicy
 
 logger = logging.getLogger("flowrhythm")
 
@@ -105,7 +106,7 @@ class Run:
                 raise
         finally:
             for counters in self.counters:
-                counters.settled = True
+                counters.settle()
             self.state = "finished"
             self.finished.set()
             current_run.reset(token)
@@ -144,42 +145,48 @@ class Run:
 
     async def _run_stages(self, task_status: TaskStatus[None]) -> None:
         plan = self.plan
+        # Ask every strategy first: a bad one fails the run before any stream exists.
+        strategies = [plan.scaling_for(stage_plan) for stage_plan in plan.stages]
+        initials = [
+            _initial_workers(strategy, stage_plan.call.role)
+            for strategy, stage_plan in zip(strategies, plan.stages, strict=True)
+        ]
         first_send, inbox = anyio.create_memory_object_stream[Any](
             plan.buffer_for(plan.stages[0])
         )
-        stages: list[tuple[Stage, int]] = []
+        stages: list[Stage] = []
         for index, stage_plan in enumerate(plan.stages):
+            outbox: MemoryObjectSendStream[Any] | None = None
+            next_inbox: MemoryObjectReceiveStream[Any] | None = None
             if index + 1 < len(plan.stages):
                 outbox, next_inbox = anyio.create_memory_object_stream[Any](
                     plan.buffer_for(plan.stages[index + 1])
                 )
-                next_counters: StageCounters | None = self.counters[index + 1]
-            else:
-                outbox = None
-                next_inbox = None
-                next_counters = None
-            strategy = plan.scaling_for(stage_plan)
-            initial = strategy.initial_workers()
             stage = Stage(
-                self, stage_plan, strategy, self.counters[index], inbox, outbox,
-                next_counters,
-            )  # fmt: skip
-            stages.append((stage, initial))
-            self._pending_ready += initial
+                self, stage_plan, strategies[index], self.counters[index], inbox, outbox
+            )
+            if stages:
+                stages[-1].next = stage
+            stages.append(stage)
             if next_inbox is not None:
                 inbox = next_inbox
+        self._pending_ready = sum(initials)
 
         async with anyio.create_task_group() as tg:
-            for stage, initial in stages:
-                tg.start_soon(stage.supervise, initial, name=f"{stage.plan.name}-stage")
+            # Started in order, so each stage can take items before anything sends.
+            for stage, initial in zip(stages, initials, strict=True):
+                await tg.start(
+                    stage.supervise, initial, name=f"{stage.plan.name} stage"
+                )
             if self._pending_ready:
                 await self._ready.wait()
-            tg.start_soon(self._produce, first_send, name="flowrhythm-producer")
+            tg.start_soon(self._produce, first_send, stages[0], name="producer")
             self.started = True
             task_status.started()
 
-    async def _produce(self, send: MemoryObjectSendStream[Any]) -> None:
-        counters = self.counters[0]
+    async def _produce(self, send: MemoryObjectSendStream[Any], first: Stage) -> None:
+        counters = first.counters
+        controller = first.controller
         clock = self.clock
         send_nowait = send.send_nowait
         try:
@@ -195,6 +202,8 @@ class Run:
                         except StopAsyncIteration:
                             break
                         counters.offered += 1
+                        if counters.offered >= counters.enqueue_gate:
+                            controller.on_enqueue_gate()
                         try:
                             send_nowait(item)
                         except WouldBlock:
@@ -217,6 +226,7 @@ class Run:
             self.fail(exc, "raised by the producer")
         finally:
             send.close()
+            first.input_closed()
 
     async def route_error(self, stage: Stage, item: Any, exc: Exception) -> None:
         """Hand a failed item to the error handler; its own failure is fatal."""
@@ -238,3 +248,19 @@ class Run:
 def _has_our_note(exc: BaseException) -> bool:
     notes = getattr(exc, "__notes__", ())
     return any(note.startswith("flowrhythm:") for note in notes)
+
+
+def _initial_workers(strategy: ScalingPolicy, role: str) -> int:
+    count = strategy.initial_workers()
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(
+            f"the scaling strategy of {role}: initial_workers() must return an int, "
+            f"got {count!r}"
+        )
+    low, high = strategy.min_workers, strategy.max_workers
+    if not 0 <= low <= count <= high:
+        raise ValueError(
+            f"the scaling strategy of {role}: initial_workers() returned {count}, "
+            f"outside [min_workers={low}, max_workers={high}]"
+        )
+    return count

@@ -7,72 +7,139 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio import EndOfStream, WouldBlock
+from anyio.abc import TaskStatus
 from anyio.lowlevel import checkpoint
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._callables import exit_async_cm
+from ._callables import exit_async_cm, in_cancelled_scope
+from ._controller import Controller
 from ._errors import add_note
 from ._plan import StagePlan
 from ._stats import StageCounters
 
 if TYPE_CHECKING:
     from ._run import Run
-    from .scaling import ScalingStrategy
+    from .scaling import ScalingPolicy
 
 #: a worker that never has to wait still yields to the event loop this often, so
 #: other tasks run and cancellation is seen within this many items
 CHECKPOINT_EVERY = 64
 
+#: what a blocking receive returns instead of an item
+_END = object()  # the input is exhausted
+_RETIRED = object()  # the scaler retired this idle worker
+
 
 class Stage:
-    """Runs one transformer or the consumer: a pool of workers over one input."""
+    """Runs one transformer or the consumer: a pool of workers over one input.
+
+    The stage lives until its input is exhausted and its last worker is gone,
+    then closes its output: that is how the next stage learns its input ended,
+    so a graceful drain cascades stage by stage with no sentinel items.
+    """
 
     def __init__(
         self,
         run: Run,
         plan: StagePlan,
-        strategy: ScalingStrategy,
+        strategy: ScalingPolicy,
         counters: StageCounters,
         inbox: MemoryObjectReceiveStream[Any],
         outbox: MemoryObjectSendStream[Any] | None,
-        next_counters: StageCounters | None,
     ) -> None:
         self.run = run
         self.plan = plan
-        self.strategy = strategy
         self.counters = counters
         self.inbox = inbox
         self.outbox = outbox
-        self.next_counters = next_counters
-        self.task_group: anyio.abc.TaskGroup | None = None
+        self.next: Stage | None = None
+        self.controller = Controller(self, strategy)
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._input_closed = False  # upstream closed its side
+        self._exhausted = False  # a worker saw the end of the input
+        self.done = anyio.Event()
+        #: cancel scopes of workers blocked in receive, newest last; only used
+        #: when the strategy can shrink the pool
+        self._idle_scopes: dict[anyio.CancelScope, None] = {}
+        self.retiring = 0
 
-    async def supervise(self, initial_workers: int) -> None:
-        """Run the stage's workers; when the last one is done, close downstream.
+    # -- lifetime -------------------------------------------------------------------
 
-        Closing our send side is what tells the next stage its input has ended:
-        the drain cascades structurally, stage by stage.
-        """
+    async def supervise(
+        self, initial_workers: int, *, task_status: TaskStatus[None]
+    ) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                self.task_group = tg
+                self._task_group = tg
                 for _ in range(initial_workers):
                     self.spawn(initial=True)
+                self.controller.start(tg)
+                task_status.started()
+                self._check_done()
+                await self.done.wait()
         finally:
             if self.outbox is not None:
                 self.outbox.close()
             self.inbox.close()
+            if self.next is not None:
+                self.next.input_closed()
 
-    def spawn(self, *, initial: bool = False) -> None:
-        """Start one more worker in the stage's task group."""
-        assert self.task_group is not None
+    def input_closed(self) -> None:
+        """Upstream will send nothing more (its side of our inbox is closed)."""
+        self._input_closed = True
+        self._check_done()
+
+    def _check_done(self) -> None:
         counters = self.counters
-        # Counted before the task runs, so stats are exact at every await boundary;
+        if counters.workers:
+            return
+        if self._exhausted or (
+            self._input_closed and counters.offered == counters.taken
+        ):
+            self.done.set()
+        elif self._input_closed:
+            # Items left with nobody to take them: a pool scaled to zero.
+            self.spawn()
+
+    # -- the pool -------------------------------------------------------------------
+
+    def spawn(self, *, initial: bool = False) -> bool:
+        """Start one more worker; ``False`` once the stage is winding down."""
+        if self._exhausted or self._task_group is None or in_cancelled_scope():
+            # Never replace workers that a cancellation is taking down.
+            return False
+        counters = self.counters
+        # Counted before the task runs so stats are exact at every await boundary;
         # a new worker is idle until it holds an item.
         counters.workers += 1
         counters.idle += 1
-        self.task_group.start_soon(
-            self._worker, initial, name=f"{self.plan.name}-worker"
+        self._task_group.start_soon(
+            self._worker, initial, name=f"{self.plan.name} worker"
         )
+        return True
+
+    def retire_idle(self, count: int) -> int:
+        """Retire up to ``count`` workers that are waiting for input; return how many.
+
+        Only the scope around an idle worker's receive is cancelled, never a worker
+        holding an item. anyio's memory streams do not hand an item to a receiver
+        whose cancellation is pending, so no item is lost; if one was handed over in
+        the same step, the worker keeps it and stays (see ``_receive_or_retire``).
+        """
+        retired = 0
+        while retired < count and self._idle_scopes:
+            scope, _ = self._idle_scopes.popitem()
+            scope.cancel()
+            retired += 1
+        self.retiring += retired
+        return retired
+
+    @property
+    def active_workers(self) -> int:
+        """Workers that are not on their way out."""
+        return self.counters.workers - self.retiring
+
+    # -- one worker -----------------------------------------------------------------
 
     async def _worker(self, initial: bool) -> None:
         call = self.plan.call
@@ -112,41 +179,38 @@ class Stage:
             if not entered:
                 counters.idle -= 1
             counters.workers -= 1
+            self._check_done()
 
     async def _loop(self, fn: Callable[[Any], Awaitable[Any]]) -> None:
         """Receive, call, send: the hot path.
 
-        Non-blocking stream operations first; the awaiting form only when they
+        Non-blocking stream operations first, the awaiting form only when they
         would block. A worker that never blocks checkpoints every
-        ``CHECKPOINT_EVERY`` items and refreshes the stage's timestamps there,
-        so the common path costs no clock read and no event-loop round trip.
+        ``CHECKPOINT_EVERY`` items and refreshes the stage's timestamps there, so
+        the common path costs no clock read and no event-loop round trip. The
+        scaler's sampling gates are one integer comparison per item.
         """
         counters = self.counters
-        clock = self.run.clock
+        controller = self.controller
         receive_nowait = self.inbox.receive_nowait
-        receive = self.inbox.receive
         on_error = self.run.route_error
         outbox = self.outbox
         if outbox is not None:
+            assert self.next is not None
             send_nowait = outbox.send_nowait
-            send = outbox.send
-            downstream = self.next_counters
-            assert downstream is not None
-        else:
-            downstream = self.counters  # unused: the consumer sends nothing
+            downstream = self.next.counters
+            next_controller = self.next.controller
+        else:  # the consumer sends nothing; these are never used
+            downstream = counters
+            next_controller = controller
         budget = CHECKPOINT_EVERY
 
-        # The first item: this worker was counted idle when spawned.
-        try:
-            item = await receive()
-        except EndOfStream:
-            return
-        finally:
-            counters.idle -= 1
-        counters.last_dequeue_at = clock()
-
-        while True:
+        # This worker was counted idle when spawned; it is idle until it has an item.
+        item = await self._receive_blocking()
+        while item is not _END and item is not _RETIRED:
             counters.taken += 1
+            if counters.taken >= counters.dequeue_gate:
+                controller.on_dequeue_gate()
             try:
                 result = await fn(item)
             except Exception as exc:
@@ -155,40 +219,81 @@ class Stage:
                 counters.processed += 1
                 if outbox is not None:
                     downstream.offered += 1
+                    if downstream.offered >= downstream.enqueue_gate:
+                        next_controller.on_enqueue_gate()
                     try:
                         send_nowait(result)
                     except WouldBlock:
-                        counters.blocked += 1
-                        try:
-                            downstream.last_enqueue_at = clock()
-                            await send(result)
-                        finally:
-                            counters.blocked -= 1
+                        await self._send_blocking(result)
                         budget = CHECKPOINT_EVERY
             del item  # not held while waiting for the next one
             budget -= 1
             if not budget:
                 budget = CHECKPOINT_EVERY
-                self._refresh(clock())
+                self._refresh()
                 await checkpoint()
             try:
                 item = receive_nowait()
             except WouldBlock:
                 counters.idle += 1
-                counters.nonempty_since = None
-                try:
-                    item = await receive()
-                except EndOfStream:
-                    return
-                finally:
-                    counters.idle -= 1
-                counters.last_dequeue_at = clock()
+                item = await self._receive_blocking()
                 budget = CHECKPOINT_EVERY
             except EndOfStream:
-                return
+                item = _END
+        if item is _END:
+            self._exhausted = True
 
-    def _refresh(self, now: float) -> None:
+    async def _receive_blocking(self) -> Any:
+        """Wait for the next item as an idle worker; or ``_END``, or ``_RETIRED``.
+
+        The caller has already counted this worker as idle.
+        """
+        counters = self.counters
+        counters.nonempty_since = None
+        try:
+            if self.controller.can_shrink:
+                return await self._receive_or_retire()
+            try:
+                item = await self.inbox.receive()
+            except EndOfStream:
+                return _END
+        finally:
+            counters.idle -= 1
+        counters.last_dequeue_at = self.run.clock()
+        return item
+
+    async def _receive_or_retire(self) -> Any:
+        with anyio.CancelScope() as scope:
+            self._idle_scopes[scope] = None
+            try:
+                item = await self.inbox.receive()
+            except EndOfStream:
+                return _END
+            finally:
+                self._idle_scopes.pop(scope, None)
+        if scope.cancelled_caught:
+            self.retiring -= 1
+            return _RETIRED
+        if scope.cancel_called:
+            # Picked for retirement in the very step an item arrived: keep it, stay.
+            self.retiring -= 1
+        self.counters.last_dequeue_at = self.run.clock()
+        return item
+
+    async def _send_blocking(self, result: Any) -> None:
+        assert self.outbox is not None
+        assert self.next is not None
+        counters = self.counters
+        counters.blocked += 1
+        try:
+            self.next.counters.last_enqueue_at = self.run.clock()
+            await self.outbox.send(result)
+        finally:
+            counters.blocked -= 1
+
+    def _refresh(self) -> None:
         """Stamp the time-based stats; called every ``CHECKPOINT_EVERY`` items."""
+        now = self.run.clock()
         counters = self.counters
         counters.last_dequeue_at = now
         if counters.offered > counters.taken:
@@ -196,5 +301,5 @@ class Stage:
                 counters.nonempty_since = now
         else:
             counters.nonempty_since = None
-        if self.next_counters is not None:
-            self.next_counters.last_enqueue_at = now
+        if self.next is not None:
+            self.next.counters.last_enqueue_at = now

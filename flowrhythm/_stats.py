@@ -47,6 +47,8 @@ class StageStats:
     errors: int
     #: items an abort cut while they were queued for, or in the hands of, this stage
     dropped: int
+    #: when this snapshot was taken, on the same clock (``None`` before a run)
+    sampled_at: float | None = None
 
     def total_workers(self) -> int:
         """Return the number of workers the stage runs (busy, idle and blocked)."""
@@ -70,6 +72,8 @@ class StageCounters:
 
     __slots__ = (
         "blocked",
+        "dequeue_gate",
+        "enqueue_gate",
         "errors",
         "idle",
         "last_dequeue_at",
@@ -105,8 +109,16 @@ class StageCounters:
         self.last_error_at: float | None = None
         #: set once the run has ended: every offered item is then accounted for
         self.settled = False
+        #: the scaler's sampling gates: consulted when offered/taken reach them
+        self.enqueue_gate = 0
+        self.dequeue_gate = 0
 
-    def snapshot(self) -> StageStats:
+    def settle(self) -> None:
+        """Mark the run as ended: every worker is gone, every item accounted for."""
+        self.settled = True
+        self.workers = self.idle = self.blocked = 0
+
+    def snapshot(self, now: float | None = None) -> StageStats:
         busy = self.workers - self.idle - self.blocked
         if self.settled:
             # After the run every offered item reached the stage; whatever it did not
@@ -134,4 +146,5 @@ class StageCounters:
             processed=self.processed,
             errors=self.errors,
             dropped=dropped,
+            sampled_at=now,
         )

@@ -48,10 +48,11 @@ class ScalingStrategy:
     min_workers: int = 1
     #: the pool never grows beyond this
     max_workers: int = 1
-    #: consult ``on_enqueue``/``on_dequeue`` once every this many events (1 = always)
+    #: consult ``on_enqueue``/``on_dequeue`` once every this many events of each kind
+    #: (1 = every event, 0 = never)
     sampling_events: int = 1
     #: seconds between ``on_tick`` calls while the stage runs (0 = never)
-    sampling_period: float = 0.0
+    sampling_period: float = 1.0
 
     def initial_workers(self) -> int:
         """Return how many workers the stage starts with."""
@@ -80,8 +81,14 @@ class ScalingStrategy:
 class FixedScaling(ScalingStrategy):
     """Keep a constant number of workers for the stage.
 
+    A fixed pool is never consulted while the flow runs: its stage's hot path has
+    no sampling at all.
+
     :param workers: the number of workers, at least 1
     """
+
+    sampling_events = 0
+    sampling_period = 0.0
 
     def __init__(self, workers: int = 1) -> None:
         _check_int("workers", workers, minimum=1)
@@ -95,9 +102,25 @@ class FixedScaling(ScalingStrategy):
 class UtilizationScaling(ScalingStrategy):
     """Grow a stage whose workers are busy, shrink one whose workers sit idle.
 
-    .. note:: Until the scaling controller lands, a stage with this strategy keeps
-       ``min_workers`` workers (at least one) for its whole run; the parameters
-       are validated and stored but do not change the pool yet.
+    Each time it is consulted (every ``sampling_events`` enqueues or dequeues, and
+    every ``sampling_period`` seconds) it updates a moving average of the stage's
+    utilization, ``busy / (busy + idle)``, weighting the new sample by
+    ``dampening``. Then:
+
+    * it **grows** by ``upscaling_rate`` when the average is at or above
+      ``upper_utilization``, items are waiting in the stage's input, and no worker
+      is blocked on a full downstream buffer (such a stage is not short of
+      workers: its downstream is). Growth is limited by sampling alone, so a burst
+      is met within a few samples;
+    * it **shrinks** by ``downscaling_rate`` when the average is at or below
+      ``lower_utilization`` and ``cooldown_seconds`` have passed since the stage's
+      last scale event of either kind, so the pool never flaps: a shrink needs
+      sustained idleness, and a scale-up is always followed by a quiet period.
+
+    Workers blocked sending downstream count neither as busy nor as idle. With
+    ``min_workers=0`` an idle stage scales to zero and gets a worker back as soon
+    as an item is queued for it. Each stage uses its own copy of the strategy, so
+    one instance can be the default for a whole flow.
 
     :param min_workers: the pool never shrinks below this (0 allows scale to zero)
     :param max_workers: the pool never grows beyond this
@@ -158,8 +181,53 @@ class UtilizationScaling(ScalingStrategy):
         self.sampling_period = float(sampling_period)
         self.sampling_events = sampling_events
 
+        self._average: float | None = None
+
     def initial_workers(self) -> int:
         return max(self.min_workers, 1)
+
+    def on_enqueue(self, stats: StageStats) -> int:
+        return self._decide(stats)
+
+    def on_dequeue(self, stats: StageStats) -> int:
+        return self._decide(stats)
+
+    def on_tick(self, stats: StageStats) -> int:
+        return self._decide(stats)
+
+    def for_stage(self, stage_name: str) -> UtilizationScaling:
+        clone = copy.copy(self)
+        clone._average = None
+        return clone
+
+    def _decide(self, stats: StageStats) -> int:
+        working = stats.busy_workers + stats.idle_workers
+        sample = stats.busy_workers / working if working else 0.0
+        previous = self._average
+        average = (
+            sample
+            if previous is None
+            else self.dampening * sample + (1.0 - self.dampening) * previous
+        )
+        self._average = average
+        total = stats.total_workers()
+        if (
+            average >= self.upper_utilization
+            and stats.queue_length > 0
+            and stats.blocked_workers == 0
+            and total < self.max_workers
+        ):
+            return self.upscaling_rate
+        if average <= self.lower_utilization and total > self.min_workers:
+            now = stats.sampled_at
+            events = [
+                t
+                for t in (stats.last_scale_up_at, stats.last_scale_down_at)
+                if t is not None
+            ]
+            if now is None or not events or now - max(events) >= self.cooldown_seconds:
+                return -self.downscaling_rate
+        return 0
 
     def __repr__(self) -> str:
         return (

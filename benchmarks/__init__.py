@@ -1,0 +1,1 @@
+"""Benchmarks for flowrhythm; run them from the repository root (see README.md)."""

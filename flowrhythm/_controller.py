@@ -1,0 +1,118 @@
+"""The scaling controller of one stage: when to ask the strategy, and what to do."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._errors import add_note
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._stage import Stage
+    from ._stats import StageStats
+    from .scaling import ScalingPolicy
+
+#: a sampling gate that never opens
+NEVER = sys.maxsize
+
+
+class Controller:
+    """Asks a stage's strategy for changes and applies them to its pool.
+
+    The hot path only compares a counter with a gate (``StageCounters.enqueue_gate``
+    / ``dequeue_gate``); when one opens, the strategy is consulted with a fresh
+    snapshot and the gate moves ``sampling_events`` further. A timer consults
+    ``on_tick`` every ``sampling_period`` seconds, so an idle stage shrinks even
+    when no item moves.
+    """
+
+    def __init__(self, stage: Stage, strategy: ScalingPolicy) -> None:
+        self.stage = stage
+        self.strategy = strategy
+        self.min_workers = strategy.min_workers
+        self.max_workers = strategy.max_workers
+        self.can_shrink = self.min_workers < self.max_workers
+        fixed = not self.can_shrink
+        self.events = 0 if fixed else int(getattr(strategy, "sampling_events", 1))
+        self.period = 0.0 if fixed else float(getattr(strategy, "sampling_period", 0.0))
+        counters = stage.counters
+        counters.enqueue_gate = counters.dequeue_gate = self.events or NEVER
+
+    def start(self, task_group: anyio.abc.TaskGroup) -> None:
+        if self.period > 0:
+            task_group.start_soon(self._tick, name=f"{self.stage.plan.name} scaler")
+        if self.stage.active_workers == 0:
+            self._arm_from_zero()
+
+    # -- gates, called on the hot path when a counter reaches them -------------------
+
+    def on_enqueue_gate(self) -> None:
+        counters = self.stage.counters
+        if self.stage.active_workers == 0:
+            # Items are queued for a stage scaled to zero: it always gets a worker,
+            # whatever the strategy says (0 busy of 0 workers reads as idle).
+            self._scale_to(1, self.stage.run.clock())
+        if self.events:
+            counters.enqueue_gate = counters.offered + self.events
+            self._consult(self.strategy.on_enqueue, "on_enqueue")
+        else:
+            counters.enqueue_gate = NEVER
+
+    def on_dequeue_gate(self) -> None:
+        counters = self.stage.counters
+        counters.dequeue_gate = counters.taken + self.events
+        self._consult(self.strategy.on_dequeue, "on_dequeue")
+
+    async def _tick(self) -> None:
+        done = self.stage.done
+        while not done.is_set():
+            with anyio.move_on_after(self.period):
+                await done.wait()
+            if not done.is_set():
+                self._consult(self.strategy.on_tick, "on_tick")
+
+    # -- decisions --------------------------------------------------------------------
+
+    def _consult(self, hook: Callable[[StageStats], int], name: str) -> None:
+        stage = self.stage
+        now = stage.run.clock()
+        try:
+            delta = hook(stage.counters.snapshot(now))
+            if isinstance(delta, bool) or not isinstance(delta, int):
+                raise TypeError(
+                    f"{name}() must return an int (the change in workers), "
+                    f"got {delta!r}"
+                )
+        except Exception as exc:
+            add_note(exc, f"raised by the scaling strategy of {stage.plan.call.role}")
+            stage.run.fail(exc, "")
+            return
+        if delta:
+            self._scale_to(stage.active_workers + delta, now)
+
+    def _scale_to(self, target: int, now: float) -> None:
+        stage = self.stage
+        counters = stage.counters
+        target = min(max(target, self.min_workers), self.max_workers)
+        if target == 0 and counters.offered > counters.taken:
+            target = 1
+        active = stage.active_workers
+        if target > active:
+            started = 0
+            for _ in range(target - active):
+                started += stage.spawn()
+            if started:
+                counters.last_scale_up_at = now
+        elif target < active:
+            if stage.retire_idle(active - target):
+                counters.last_scale_down_at = now
+            if stage.active_workers == 0:
+                self._arm_from_zero()
+
+    def _arm_from_zero(self) -> None:
+        counters = self.stage.counters
+        counters.enqueue_gate = min(counters.enqueue_gate, counters.offered + 1)
