@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=None,
+        metavar="N",
         help="seed the random latencies, for repeatable runs",
     )
     return parser

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -17,11 +16,7 @@ from typing import Any
 
 import anyio
 
-logger = logging.getLogger("flowrhythm")
-
-#: how long cleanup code (a context manager's exit, a generator's ``aclose``) may run
-#: once the flow is being cancelled, before it is cut off
-CLEANUP_TIMEOUT = 5.0
+from ._cleanup import Cleanups
 
 ItemFn = Callable[[Any], Awaitable[Any]]
 ErrorFn = Callable[[Any, BaseException], Awaitable[Any]]
@@ -89,8 +84,9 @@ def stage_callable(obj: object, role: str, *, arity: int) -> StageCallable:
     if _is_async_function(obj):
         _check_arity(obj, arity, role, expected)
         return StageCallable(role, obj, None)
-    if _is_async_cm_factory(obj) or _accepts(obj, 0):
-        # A zero-argument callable: an async CM factory, checked when entered.
+    if _is_async_cm_factory(obj) or (_accepts(obj, 0) and not _accepts(obj, arity)):
+        # A zero-argument callable: an async CM factory, checked when entered. One
+        # that would also take the item (like print) is more likely a sync stage.
         return StageCallable(role, None, obj)
     if inspect.isgeneratorfunction(obj) or _is_sync_function(obj):
         raise TypeError(
@@ -106,7 +102,7 @@ def stage_callable(obj: object, role: str, *, arity: int) -> StageCallable:
 
 def producer_source(
     obj: object,
-) -> Callable[[], AbstractAsyncContextManager[AsyncIterator[Any]]]:
+) -> Callable[[Cleanups], AbstractAsyncContextManager[AsyncIterator[Any]]]:
     """Classify a producer; return a factory of "open the source" context managers."""
     expected = (
         "an async generator function, an async iterable, a zero-argument callable "
@@ -119,7 +115,7 @@ def producer_source(
             "pass the function itself, without calling it"
         )
     if hasattr(obj, "__aiter__") and not callable(obj):
-        return lambda: _iterate(obj)
+        return lambda cleanups: _iterate(obj, cleanups)
     if not callable(obj):
         hint = (
             "; wrap it in an async generator"
@@ -143,11 +139,13 @@ def producer_source(
             "without arguments"
         )
     factory: Factory = obj
-    return lambda: _iterate(factory())
+    return lambda cleanups: _iterate(factory(), cleanups)
 
 
 @asynccontextmanager
-async def _iterate(source: Any) -> AsyncIterator[AsyncIterator[Any]]:
+async def _iterate(
+    source: Any, cleanups: Cleanups
+) -> AsyncIterator[AsyncIterator[Any]]:
     """Open a producer's source: enter it if it is a context manager, then iterate.
 
     The iterator is ``aclose()``d and the context manager exited on every path.
@@ -156,13 +154,13 @@ async def _iterate(source: Any) -> AsyncIterator[AsyncIterator[Any]]:
         cm = source
         source = await cm.__aenter__()
         try:
-            async with _iterate(source) as iterator:
+            async with _iterate(source, cleanups) as iterator:
                 yield iterator
         except BaseException as exc:
-            await exit_async_cm(cm, exc)
+            await cleanups.exit(cm, exc)
             raise
         else:
-            await exit_async_cm(cm, None)
+            await cleanups.exit(cm, None)
         return
     if not hasattr(source, "__aiter__"):
         raise TypeError(
@@ -175,39 +173,7 @@ async def _iterate(source: Any) -> AsyncIterator[AsyncIterator[Any]]:
     finally:
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
-            await run_cleanup(aclose, cancelled=in_cancelled_scope())
-
-
-async def exit_async_cm(cm: Any, exc: BaseException | None) -> None:
-    """Exit ``cm`` after ``exc`` (or normally); the result cannot suppress ``exc``.
-
-    Stages own their context managers for the runtime: an exception leaving a
-    worker is either a cancellation or a fatal error, neither of which a
-    per-worker resource may hide.
-    """
-    if exc is None:
-        await cm.__aexit__(None, None, None)
-        return
-    cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
-    await run_cleanup(
-        lambda: cm.__aexit__(type(exc), exc, exc.__traceback__), cancelled=cancelled
-    )
-
-
-async def run_cleanup(fn: Callable[[], Awaitable[Any]], *, cancelled: bool) -> None:
-    """Await cleanup code; when the flow is being cancelled, shield it for at most
-    :data:`CLEANUP_TIMEOUT` seconds so a ``finally: await conn.close()`` still runs."""
-    if not cancelled:
-        await fn()
-        return
-    with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True) as scope:
-        await fn()
-    if scope.cancelled_caught:
-        logger.warning(
-            "cleanup %r did not finish within %ss of cancellation; cut off",
-            fn,
-            CLEANUP_TIMEOUT,
-        )
+            await cleanups.run(aclose)
 
 
 def in_cancelled_scope() -> bool:

@@ -102,13 +102,19 @@ class Controller:
             target = 1
         active = stage.active_workers
         if target > active:
-            started = 0
-            for _ in range(target - active):
-                started += stage.spawn()
-            if started:
+            # Workers on their way out still run: never exceed max_workers tasks.
+            # What does not fit now starts as soon as a retiring worker is gone.
+            wanted = target - active
+            room = max(self.max_workers - counters.workers, 0)
+            started = sum(stage.spawn() for _ in range(min(wanted, room)))
+            stage.deferred += wanted - min(wanted, room)
+            if started or stage.deferred:
                 counters.last_scale_up_at = now
         elif target < active:
-            if stage.retire_idle(active - target):
+            surplus = active - target
+            cancelled = min(surplus, stage.deferred)
+            stage.deferred -= cancelled
+            if stage.retire_idle(surplus - cancelled) or cancelled:
                 counters.last_scale_down_at = now
             if stage.active_workers == 0:
                 self._arm_from_zero()

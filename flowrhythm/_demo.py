@@ -31,7 +31,7 @@ Reporter = Callable[[Mapping[str, StageStats], float], None]
 
 #: the producer's schedule: (phase name, seconds, items per second), repeated
 PHASES: tuple[tuple[str, float, float], ...] = (
-    ("calm", 2.0, 15.0),
+    ("calm", 2.5, 15.0),
     ("burst", 1.5, 300.0),
 )
 #: how long the I/O-bound stage waits per item (seconds, uniformly distributed)
@@ -155,7 +155,7 @@ def build_flow(pipeline: _Pipeline) -> Flow:
             lower_utilization=0.3,
             upper_utilization=0.8,
             upscaling_rate=4,
-            downscaling_rate=2,
+            downscaling_rate=4,
             cooldown_seconds=0.5,
             dampening=0.6,
             sampling_period=0.25,
@@ -173,7 +173,8 @@ def build_flow(pipeline: _Pipeline) -> Flow:
 class TextReporter:
     """A plain report, one block of lines per call, at most 80 columns wide.
 
-    Items/s is what a stage finished (processed or failed) since the last call.
+    Items/s is what a stage finished (processed or failed) since the last call;
+    the producer's rate is what entered the first stage in that time.
     """
 
     HEADER = (
@@ -185,14 +186,18 @@ class TextReporter:
         self.out = out if out is not None else sys.stdout
         self._last_elapsed = 0.0
         self._last_done: dict[str, int] = {}
+        self._last_produced = 0
 
     def __call__(self, stats: Mapping[str, StageStats], elapsed: float) -> None:
-        phase, rate = phase_at(elapsed)
         dt = elapsed - self._last_elapsed
-        lines = [
-            f"t={elapsed:5.1f}s  producer: {phase} (~{rate:.0f} items/s)",
-            self.HEADER,
-        ]
+        first = next(iter(stats.values()), None)
+        # Everything that entered the first stage: taken, or still queued.
+        produced = first.received + first.queue_length if first is not None else 0
+        produced_rate = (produced - self._last_produced) / dt if dt > 0 else 0.0
+        self._last_produced = produced
+        phase, _ = phase_at(elapsed)
+        title = f"t={elapsed:5.1f}s  produced {produced_rate:.0f} items/s"
+        lines = [f"{title} (phase now: {phase})", self.HEADER]
         for name, stage in stats.items():
             done = stage.processed + stage.errors
             speed = (done - self._last_done.get(name, 0)) / dt if dt > 0 else 0.0
@@ -257,14 +262,14 @@ async def run_demo(
     async with flow:
         pipeline.started_at = start = clock()
         await flow.start()
-        next_report = start + report_interval
-        stop_at = start + duration
-        while (now := clock()) < stop_at:
-            await anyio.sleep(min(SAMPLE_INTERVAL, stop_at - now))
+        # Sample on a fixed grid from the start, so reports do not drift.
+        samples = max(1, round(duration / SAMPLE_INTERVAL))
+        per_report = max(1, round(report_interval / SAMPLE_INTERVAL))
+        for tick in range(1, samples + 1):
+            await anyio.sleep_until(start + duration * tick / samples)
             stats = sample()
-            if clock() >= next_report:
+            if tick % per_report == 0 or tick == samples:
                 report(stats, clock() - start)
-                next_report += report_interval
         ran_for = clock() - start
         async with anyio.create_task_group() as tg:
             # Keep sampling while the flow drains.

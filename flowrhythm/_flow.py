@@ -196,10 +196,29 @@ class Flow:
     async def wait(self) -> None:
         """Wait until the flow has finished; raise its fatal error, if it had one.
 
+        Cancelling ``wait()`` on a flow started outside ``async with`` (a background
+        flow) aborts the flow, waits for its cleanup, and re-raises the
+        cancellation; inside a block or task group the flow belongs to that scope
+        and keeps running.
+
         :raises RuntimeError: if the flow was never started
         """
         run = self._require_run("wait for")
-        await self._join(run)
+        if current_run.get() is run:
+            raise RuntimeError(
+                "flow.wait() was called from inside the flow, which would wait for "
+                "itself forever; call flow.stop() to end it from inside"
+            )
+        try:
+            await self._join(run)
+        except anyio.get_cancelled_exc_class():
+            if self._background is not None:
+                # The waiter owns a background flow: nobody is left to await its
+                # outcome, so it stops too, before the cancellation goes on.
+                run.abort()
+                with anyio.CancelScope(shield=True):
+                    await self._join(run)
+            raise
         self._raise_failure(run)
 
     async def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:

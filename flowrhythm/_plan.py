@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._callables import StageCallable
+from ._cleanup import Cleanups
 from .scaling import ScalingStrategy
 
-Source = Callable[[], AbstractAsyncContextManager[AsyncIterator[Any]]]
+Source = Callable[[Cleanups], AbstractAsyncContextManager[AsyncIterator[Any]]]
 
 
 @dataclass(frozen=True, slots=True)

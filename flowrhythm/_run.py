@@ -14,7 +14,7 @@ from anyio.abc import TaskStatus
 from anyio.lowlevel import checkpoint
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._callables import exit_async_cm
+from ._cleanup import Cleanups
 from ._errors import add_note
 from ._plan import Plan
 from ._stage import CHECKPOINT_EVERY, Stage
@@ -55,8 +55,10 @@ class Run:
         self.drain_requested = False
         self.abort_requested = False
         self._scope = anyio.CancelScope()
+        self.cleanups = Cleanups()
         self._producer_scope: anyio.CancelScope | None = None
         self._producer_sending = False
+        self._producer_task: int | None = None
         self._pending_ready = 0
         self._ready = anyio.Event()
         self._error_fn: Callable[[Any, BaseException], Any] = log_error
@@ -66,14 +68,21 @@ class Run:
     def request_drain(self) -> None:
         """Stop the producer; let everything already inside the flow finish."""
         self.drain_requested = True
-        # A producer blocked handing an item over keeps it: the item is inside.
-        if self._producer_scope is not None and not self._producer_sending:
+        # Interrupt the producer only while it waits on its source or a checkpoint:
+        # an item it is handing over is inside the flow and gets delivered, and a
+        # producer that asked for the drain itself simply stops after this item.
+        if (
+            self._producer_scope is not None
+            and not self._producer_sending
+            and anyio.get_current_task().id != self._producer_task
+        ):
             self._producer_scope.cancel()
 
     def abort(self) -> None:
         """Cancel every task of the run at once."""
         self.abort_requested = True
         self.drain_requested = True
+        self.cleanups.cancelling()
         self._scope.cancel()
 
     def fail(self, exc: BaseException, note: str) -> None:
@@ -134,10 +143,10 @@ class Run:
         try:
             await self._run_stages(task_status)
         except BaseException as exc:
-            await exit_async_cm(cm, exc)
+            await self.cleanups.exit(cm, exc)
             raise
         try:
-            await exit_async_cm(cm, None)
+            await self.cleanups.exit(cm, None)
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as exc:
@@ -172,28 +181,36 @@ class Run:
                 inbox = next_inbox
         self._pending_ready = sum(initials)
 
-        async with anyio.create_task_group() as tg:
-            # Started in order, so each stage can take items before anything sends.
-            for stage, initial in zip(stages, initials, strict=True):
-                await tg.start(
-                    stage.supervise, initial, name=f"{stage.plan.name} stage"
-                )
-            if self._pending_ready:
-                await self._ready.wait()
-            tg.start_soon(self._produce, first_send, stages[0], name="producer")
-            self.started = True
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                # Started in order, so each stage takes items before anything sends.
+                for stage, initial in zip(stages, initials, strict=True):
+                    await tg.start(
+                        stage.supervise, initial, name=f"{stage.plan.name} stage"
+                    )
+                if self._pending_ready:
+                    await self._ready.wait()
+                tg.start_soon(self._produce, first_send, stages[0], name="producer")
+                self.started = True
+                task_status.started()
+        finally:
+            # Stages and the producer close their own ends; a run that failed
+            # before starting them must not leak the rest.
+            first_send.close()
+            for stage in stages:
+                stage.close_streams()
 
     async def _produce(self, send: MemoryObjectSendStream[Any], first: Stage) -> None:
         counters = first.counters
         controller = first.controller
         clock = self.clock
         send_nowait = send.send_nowait
+        self._producer_task = anyio.get_current_task().id
         try:
             with anyio.CancelScope() as self._producer_scope:
                 if self.drain_requested:
                     return
-                async with self.plan.source() as iterator:
+                async with self.plan.source(self.cleanups) as iterator:
                     anext = iterator.__anext__
                     budget = CHECKPOINT_EVERY
                     while not self.drain_requested:

@@ -11,7 +11,7 @@ from anyio.abc import TaskStatus
 from anyio.lowlevel import checkpoint
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._callables import exit_async_cm, in_cancelled_scope
+from ._callables import in_cancelled_scope
 from ._controller import Controller
 from ._errors import add_note
 from ._plan import StagePlan
@@ -61,7 +61,9 @@ class Stage:
         #: cancel scopes of workers blocked in receive, newest last; only used
         #: when the strategy can shrink the pool
         self._idle_scopes: dict[anyio.CancelScope, None] = {}
+        #: workers on their way out, and workers waiting for them to be gone
         self.retiring = 0
+        self.deferred = 0
 
     # -- lifetime -------------------------------------------------------------------
 
@@ -77,12 +79,19 @@ class Stage:
                 task_status.started()
                 self._check_done()
                 await self.done.wait()
+        except anyio.get_cancelled_exc_class():
+            # Aborted, or cancelled from outside: bound the cleanups from now on.
+            self.run.cleanups.cancelling()
+            raise
         finally:
-            if self.outbox is not None:
-                self.outbox.close()
-            self.inbox.close()
+            self.close_streams()
             if self.next is not None:
                 self.next.input_closed()
+
+    def close_streams(self) -> None:
+        if self.outbox is not None:
+            self.outbox.close()
+        self.inbox.close()
 
     def input_closed(self) -> None:
         """Upstream will send nothing more (its side of our inbox is closed)."""
@@ -91,14 +100,14 @@ class Stage:
 
     def _check_done(self) -> None:
         counters = self.counters
-        if counters.workers:
-            return
-        if self._exhausted or (
-            self._input_closed and counters.offered == counters.taken
+        queued = counters.offered > counters.taken
+        if not counters.workers and (
+            self._exhausted or (self._input_closed and not queued)
         ):
             self.done.set()
-        elif self._input_closed:
-            # Items left with nobody to take them: a pool scaled to zero.
+        elif queued and not self.active_workers:
+            # Items left with nobody to take them (a pool scaled to zero, or its
+            # last worker retired as an item arrived): they always get a worker.
             self.spawn()
 
     # -- the pool -------------------------------------------------------------------
@@ -136,8 +145,9 @@ class Stage:
 
     @property
     def active_workers(self) -> int:
-        """Workers that are not on their way out."""
-        return self.counters.workers - self.retiring
+        """The pool size the scaler aims at: workers not on their way out, plus
+        workers that start as soon as those are gone."""
+        return self.counters.workers - self.retiring + self.deferred
 
     # -- one worker -----------------------------------------------------------------
 
@@ -168,9 +178,9 @@ class Stage:
                 try:
                     await self._loop(fn)
                 except BaseException as exc:
-                    await exit_async_cm(cm, exc)
+                    await self.run.cleanups.exit(cm, exc)
                     raise
-                await exit_async_cm(cm, None)
+                await self.run.cleanups.exit(cm, None)
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as exc:
@@ -179,6 +189,8 @@ class Stage:
             if not entered:
                 counters.idle -= 1
             counters.workers -= 1
+            if self.deferred and self.spawn():
+                self.deferred -= 1
             self._check_done()
 
     async def _loop(self, fn: Callable[[Any], Awaitable[Any]]) -> None:
@@ -263,21 +275,21 @@ class Stage:
         return item
 
     async def _receive_or_retire(self) -> Any:
+        item: Any = _RETIRED
         with anyio.CancelScope() as scope:
             self._idle_scopes[scope] = None
             try:
                 item = await self.inbox.receive()
             except EndOfStream:
-                return _END
+                item = _END
             finally:
                 self._idle_scopes.pop(scope, None)
-        if scope.cancelled_caught:
-            self.retiring -= 1
-            return _RETIRED
         if scope.cancel_called:
-            # Picked for retirement in the very step an item arrived: keep it, stay.
+            # Picked for retirement. If an item (or the end) arrived in the very same
+            # step, the cancellation was not delivered: keep the item, stay.
             self.retiring -= 1
-        self.counters.last_dequeue_at = self.run.clock()
+        if item is not _END and item is not _RETIRED:
+            self.counters.last_dequeue_at = self.run.clock()
         return item
 
     async def _send_blocking(self, result: Any) -> None:
