@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from ._flow import Flow as Flow
 from ._stats import StageStats as StageStats
+from ._types import Consumer as Consumer
+from ._types import ErrorHandler as ErrorHandler
+from ._types import Producer as Producer
+from ._types import Transformer as Transformer
 from .scaling import FixedScaling as FixedScaling
 from .scaling import ScalingPolicy as ScalingPolicy
 from .scaling import ScalingStrategy as ScalingStrategy
@@ -12,11 +16,15 @@ from .scaling import UtilizationScaling as UtilizationScaling
 __version__ = "0.1.0"
 
 __all__ = (
+    "Consumer",
+    "ErrorHandler",
     "FixedScaling",
     "Flow",
+    "Producer",
     "ScalingPolicy",
     "ScalingStrategy",
     "StageStats",
+    "Transformer",
     "UtilizationScaling",
     "__version__",
 )

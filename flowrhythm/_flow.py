@@ -15,6 +15,7 @@ from ._errors import add_note
 from ._plan import Plan, Source, StagePlan
 from ._run import Run, current_run
 from ._stats import StageCounters, StageStats
+from ._types import Consumer, ErrorHandler, Producer, Transformer
 from .scaling import FixedScaling, ScalingStrategy, _check_int
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ class Flow:
 
     # -- configuration --------------------------------------------------------------
 
-    def set_producer(self, producer: Any) -> None:
+    def set_producer(self, producer: Producer) -> None:
         """Set where items come from.
 
         :param producer: an async generator function, an async iterable, a
@@ -82,7 +83,7 @@ class Flow:
 
     def add_transformer(
         self,
-        transformer: Any,
+        transformer: Transformer,
         *,
         name: str | None = None,
         scaling_strategy: ScalingStrategy | None = None,
@@ -108,7 +109,7 @@ class Flow:
 
     def set_consumer(
         self,
-        consumer: Any,
+        consumer: Consumer,
         *,
         name: str | None = None,
         scaling_strategy: ScalingStrategy | None = None,
@@ -127,7 +128,7 @@ class Flow:
             self._consumer = previous
             raise
 
-    def set_error_handler(self, error_handler: Any) -> None:
+    def set_error_handler(self, error_handler: ErrorHandler) -> None:
         """Set what receives failed items: ``async def handler(item, exc)``, or a
         zero-argument factory of async context managers yielding one (entered once
         per run). Without one, failures are logged on the ``flowrhythm`` logger."""
@@ -246,6 +247,9 @@ class Flow:
         else:
             run.abort()
         if current_run.get() is run:
+            # The flow cannot wait for itself; a timeout still bounds the drain.
+            if drain and timeout is not None:
+                run.abort_after(timeout)
             return
         if drain and timeout is not None:
             with anyio.move_on_after(timeout):
@@ -262,8 +266,12 @@ class Flow:
         ``received == processed + errors + dropped`` holds for every stage.
         """
         if self._run is not None:
+            # After the run, the event loop (and its clock) may be gone.
+            now = self._run.ended_at
+            if now is None:
+                now = self._run.clock()
             return {
-                counters.name: counters.snapshot() for counters in self._run.counters
+                counters.name: counters.snapshot(now) for counters in self._run.counters
             }
         return {
             plan.name: StageCounters(plan.name).snapshot()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -52,6 +53,7 @@ class Run:
         self.started = False
         self.finished = anyio.Event()
         self.fatal: BaseException | None = None
+        self.ended_at: float | None = None
         self.drain_requested = False
         self.abort_requested = False
         self._scope = anyio.CancelScope()
@@ -59,6 +61,9 @@ class Run:
         self._producer_scope: anyio.CancelScope | None = None
         self._producer_sending = False
         self._producer_task: int | None = None
+        self._handoff_scope: anyio.CancelScope | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._last_stage_done: anyio.Event | None = None
         self._pending_ready = 0
         self._ready = anyio.Event()
         self._error_fn: Callable[[Any, BaseException], Any] = log_error
@@ -82,8 +87,28 @@ class Run:
         """Cancel every task of the run at once."""
         self.abort_requested = True
         self.drain_requested = True
-        self.cleanups.cancelling()
+        self.cancelling()
         self._scope.cancel()
+
+    def cancelling(self) -> None:
+        """The run is being cancelled (aborted, or from outside): bound cleanups,
+        and stop shielding an item the producer is handing over."""
+        self.cleanups.cancelling()
+        if self._handoff_scope is not None:
+            self._handoff_scope.cancel()
+
+    def abort_after(self, seconds: float) -> None:
+        """Abort unless the run has finished within ``seconds`` (from inside)."""
+        assert self._task_group is not None
+        self._task_group.start_soon(self._abort_after, seconds, name="drain timeout")
+
+    async def _abort_after(self, seconds: float) -> None:
+        last = self._last_stage_done
+        assert last is not None
+        with anyio.move_on_after(seconds):
+            await last.wait()
+        if not last.is_set():
+            self.abort()
 
     def fail(self, exc: BaseException, note: str) -> None:
         """Record a fatal error and abort; the first one is what the run raises."""
@@ -114,6 +139,7 @@ class Run:
             if self.fatal is None:
                 raise
         finally:
+            self.ended_at = self.clock()
             for counters in self.counters:
                 counters.settle()
             self.state = "finished"
@@ -183,6 +209,8 @@ class Run:
 
         try:
             async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                self._last_stage_done = stages[-1].done
                 # Started in order, so each stage takes items before anything sends.
                 for stage, initial in zip(stages, initials, strict=True):
                     await tg.start(
@@ -224,12 +252,8 @@ class Run:
                         try:
                             send_nowait(item)
                         except WouldBlock:
-                            self._producer_sending = True
-                            try:
-                                counters.last_enqueue_at = clock()
-                                await send.send(item)
-                            finally:
-                                self._producer_sending = False
+                            counters.last_enqueue_at = clock()
+                            await self._hand_over(send, item)
                             budget = CHECKPOINT_EVERY
                         del item
                         budget -= 1
@@ -244,6 +268,26 @@ class Run:
         finally:
             send.close()
             first.input_closed()
+
+    async def _hand_over(self, send: MemoryObjectSendStream[Any], item: Any) -> None:
+        """Wait until stage 1 takes ``item``; a drain never interrupts this."""
+        if not self.drain_requested:
+            self._producer_sending = True
+            try:
+                await send.send(item)
+            finally:
+                self._producer_sending = False
+            return
+        # A drain was requested after the source produced this item: its cancel may
+        # be pending on this task already. The item is inside the flow, so deliver
+        # it shielded; only an abort or outer cancellation (see cancelling()) ends it.
+        with anyio.CancelScope(shield=True) as self._handoff_scope:
+            if self.abort_requested:
+                self._handoff_scope.cancel()
+            # If stage 1 is gone, the item counts as dropped.
+            with contextlib.suppress(anyio.BrokenResourceError):
+                await send.send(item)
+        self._handoff_scope = None
 
     async def route_error(self, stage: Stage, item: Any, exc: Exception) -> None:
         """Hand a failed item to the error handler; its own failure is fatal."""

@@ -81,7 +81,7 @@ class Stage:
                 await self.done.wait()
         except anyio.get_cancelled_exc_class():
             # Aborted, or cancelled from outside: bound the cleanups from now on.
-            self.run.cleanups.cancelling()
+            self.run.cancelling()
             raise
         finally:
             self.close_streams()

@@ -128,7 +128,8 @@ class UtilizationScaling(ScalingStrategy):
     :param upper_utilization: above this share of busy workers the stage grows
     :param upscaling_rate: workers added per scale-up decision
     :param downscaling_rate: workers retired per scale-down decision
-    :param cooldown_seconds: minimum time between two scale events of the stage
+    :param cooldown_seconds: how long the pool holds its size after any scale event
+        before it may shrink (growth is never delayed)
     :param dampening: weight of the newest utilization sample in the moving average
         (1.0 = no smoothing)
     :param sampling_period: seconds between periodic checks

@@ -1,0 +1,576 @@
+"""Every misconfiguration fails loudly, with a message that says what is wrong."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from flowrhythm import FixedScaling, Flow, ScalingStrategy, UtilizationScaling
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_resources() -> Iterator[None]:
+    """Collect garbage after each test so an unclosed stream is blamed on the test
+    that leaked it, with a readable message."""
+    yield
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, f"the flow leaked resources: {leaks}"
+
+
+# -- well-formed pieces -------------------------------------------------------------
+
+
+async def gen():  # type: ignore[no-untyped-def]
+    for i in range(3):
+        yield i
+
+
+async def double(x: int) -> int:
+    return x * 2
+
+
+async def sink(x: int) -> None:
+    pass
+
+
+async def handler(item: Any, exc: BaseException) -> None:
+    pass
+
+
+def ready_flow(**kwargs: Any) -> Flow:
+    flow = Flow(**kwargs)
+    flow.set_producer(gen)
+    flow.add_transformer(double)
+    flow.set_consumer(sink)
+    return flow
+
+
+# -- ill-formed pieces ---------------------------------------------------------------
+
+
+def sync_transform(x: int) -> int:
+    return x
+
+
+def sync_gen():  # type: ignore[no-untyped-def]
+    yield 1
+
+
+async def coroutine_producer() -> list[int]:
+    return [1, 2]
+
+
+async def needs_arg_gen(n: int):  # type: ignore[no-untyped-def]
+    yield n
+
+
+async def two_args(x: int, y: int) -> int:
+    return x + y
+
+
+async def one_arg_handler(item: Any) -> None:
+    pass
+
+
+async def agen_stage(x: int):  # type: ignore[no-untyped-def]
+    yield x
+
+
+def _coroutine_object() -> Any:
+    return double(1)  # closed by the library when it rejects it
+
+
+Misconfig = Callable[[Flow], object]
+
+CONFIG_ERRORS: list[Any] = [
+    # producers
+    pytest.param(
+        lambda f: f.set_producer(sync_gen),
+        TypeError,
+        r"producer must be .*synchronous generator function",
+        id="producer-sync-generator",
+    ),
+    pytest.param(
+        lambda f: f.set_producer(coroutine_producer),
+        TypeError,
+        r"producer must be .*coroutine function",
+        id="producer-coroutine-function",
+    ),
+    pytest.param(
+        lambda f: f.set_producer([1, 2, 3]),
+        TypeError,
+        r"producer must be .*wrap it in an async generator",
+        id="producer-list",
+    ),
+    pytest.param(
+        lambda f: f.set_producer(42),
+        TypeError,
+        r"producer must be .*42",
+        id="producer-int",
+    ),
+    pytest.param(
+        lambda f: f.set_producer(_coroutine_object()),
+        TypeError,
+        r"producer must be .*coroutine object",
+        id="producer-coroutine-object",
+    ),
+    pytest.param(
+        lambda f: f.set_producer(needs_arg_gen),
+        TypeError,
+        r"producer must be .*cannot be called without arguments",
+        id="producer-needs-arguments",
+    ),
+    # transformers
+    pytest.param(
+        lambda f: f.add_transformer(sync_transform),
+        TypeError,
+        r"transformer 'sync_transform' must be .*synchronous function",
+        id="transformer-sync",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(sync_transform, name="named"),
+        TypeError,
+        r"transformer 'named' must be .*synchronous function",
+        id="transformer-sync-named",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(functools.partial(sync_transform)),
+        TypeError,
+        r"transformer 'sync_transform' must be .*synchronous function",
+        id="transformer-sync-partial",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(agen_stage),
+        TypeError,
+        r"transformer 'agen_stage' must be .*async generator function",
+        id="transformer-async-generator",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(_coroutine_object()),
+        TypeError,
+        r"transformer 'double' must be .*coroutine object",
+        id="transformer-coroutine-object",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(two_args),
+        TypeError,
+        r"transformer 'two_args' must be .*one argument",
+        id="transformer-wrong-arity",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(42, name="x"),
+        TypeError,
+        r"transformer 'x' must be .*42",
+        id="transformer-not-callable",
+    ),
+    # consumers
+    pytest.param(
+        lambda f: f.set_consumer(sync_transform),
+        TypeError,
+        r"consumer 'sync_transform' must be .*synchronous function",
+        id="consumer-sync",
+    ),
+    pytest.param(
+        lambda f: f.set_consumer(print),
+        TypeError,
+        r"consumer 'print' must be",
+        id="consumer-print",
+    ),
+    pytest.param(
+        lambda f: f.set_consumer(two_args),
+        TypeError,
+        r"consumer 'two_args' must be .*one argument",
+        id="consumer-wrong-arity",
+    ),
+    # error handlers
+    pytest.param(
+        lambda f: f.set_error_handler(sync_transform),
+        TypeError,
+        r"error handler must be .*synchronous function",
+        id="handler-sync",
+    ),
+    pytest.param(
+        lambda f: f.set_error_handler(one_arg_handler),
+        TypeError,
+        r"error handler must be .*two arguments",
+        id="handler-wrong-arity",
+    ),
+    pytest.param(
+        lambda f: f.set_error_handler(None),
+        TypeError,
+        r"error handler must be",
+        id="handler-none",
+    ),
+    # names
+    pytest.param(
+        lambda f: f.add_transformer(double, name=""),
+        TypeError,
+        r"transformer name must be a non-empty str",
+        id="name-empty",
+    ),
+    pytest.param(
+        lambda f: f.set_consumer(sink, name=7),
+        TypeError,
+        r"consumer name must be a non-empty str",
+        id="name-not-str",
+    ),
+    # buffers
+    pytest.param(
+        lambda f: f.add_transformer(double, buffer_size=-1),
+        ValueError,
+        r"transformer 'double': buffer_size must be >= 0",
+        id="buffer-negative",
+    ),
+    pytest.param(
+        lambda f: f.set_consumer(sink, buffer_size="3"),
+        TypeError,
+        r"consumer 'sink': buffer_size must be an int",
+        id="buffer-str",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(double, buffer_size=True),
+        TypeError,
+        r"buffer_size must be an int",
+        id="buffer-bool",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(double, buffer_size=1.5),
+        TypeError,
+        r"buffer_size must be an int",
+        id="buffer-float",
+    ),
+    # strategies
+    pytest.param(
+        lambda f: f.add_transformer(double, scaling_strategy=3),
+        TypeError,
+        r"transformer 'double': scaling_strategy must be a ScalingStrategy",
+        id="strategy-int",
+    ),
+    pytest.param(
+        lambda f: f.set_consumer(sink, scaling_strategy=FixedScaling),
+        TypeError,
+        r"consumer 'sink': scaling_strategy must be a ScalingStrategy",
+        id="strategy-class-not-instance",
+    ),
+    pytest.param(
+        lambda f: f.set_default_scaling_strategy("fast"),
+        TypeError,
+        r"default_scaling_strategy must be a ScalingStrategy",
+        id="default-strategy",
+    ),
+]
+
+
+@pytest.mark.parametrize(("misconfigure", "error", "match"), CONFIG_ERRORS)
+def test_misconfiguration_is_rejected(
+    misconfigure: Misconfig, error: type[Exception], match: str
+) -> None:
+    flow = Flow()
+    with pytest.raises(error, match=match):
+        misconfigure(flow)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"buffer_size": -1}, ValueError, r"buffer_size must be >= 0"),
+        ({"buffer_size": "64"}, TypeError, r"buffer_size must be an int"),
+        (
+            {"default_scaling_strategy": 2},
+            TypeError,
+            r"default_scaling_strategy must be a ScalingStrategy",
+        ),
+        ({"clock": 5.0}, TypeError, r"clock must be a callable"),
+    ],
+)
+def test_bad_flow_arguments(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        Flow(**kwargs)
+
+
+def test_flow_arguments_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        Flow(FixedScaling(1))  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: FixedScaling(0), ValueError, r"workers must be >= 1"),
+        (lambda: FixedScaling(1.5), TypeError, r"workers must be an int"),
+        (
+            lambda: UtilizationScaling(min_workers=5, max_workers=2),
+            ValueError,
+            r"min_workers \(5\) must not exceed max_workers \(2\)",
+        ),
+        (
+            lambda: UtilizationScaling(max_workers=0),
+            ValueError,
+            r"max_workers must be >= 1",
+        ),
+        (
+            lambda: UtilizationScaling(lower_utilization=0.9, upper_utilization=0.5),
+            ValueError,
+            r"utilization bounds",
+        ),
+        (
+            lambda: UtilizationScaling(dampening=0.0),
+            ValueError,
+            r"dampening must be in \(0, 1\]",
+        ),
+        (
+            lambda: UtilizationScaling(cooldown_seconds=-1),
+            ValueError,
+            r"cooldown_seconds must be >= 0",
+        ),
+        (
+            lambda: UtilizationScaling(sampling_period=float("nan")),
+            ValueError,
+            r"sampling_period must be finite",
+        ),
+        (
+            lambda: UtilizationScaling(upscaling_rate=0),
+            ValueError,
+            r"upscaling_rate must be >= 1",
+        ),
+    ],
+)
+def test_bad_strategy_arguments(
+    make: Callable[[], ScalingStrategy], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_duplicate_transformer_names() -> None:
+    flow = Flow()
+    flow.add_transformer(double)
+    with pytest.raises(ValueError, match=r"a stage named 'double' already exists"):
+        flow.add_transformer(double)
+    flow.add_transformer(double, name="double2")  # a unique name= fixes it
+    with pytest.raises(ValueError, match=r"a stage named 'double2' already exists"):
+        flow.add_transformer(sink, name="double2")
+
+
+def test_consumer_name_clashing_with_a_transformer() -> None:
+    flow = Flow()
+    flow.add_transformer(double, name="stage")
+    with pytest.raises(ValueError, match=r"a stage named 'stage' already exists"):
+        flow.set_consumer(sink, name="stage")
+
+
+def test_transformer_name_clashing_with_the_consumer() -> None:
+    flow = Flow()
+    flow.set_consumer(sink)
+    with pytest.raises(ValueError, match=r"a stage named 'sink' already exists"):
+        flow.add_transformer(double, name="sink")
+
+
+def test_failed_configuration_leaves_the_flow_unchanged() -> None:
+    flow = Flow()
+    flow.add_transformer(double)
+    with pytest.raises(ValueError, match="buffer_size"):
+        flow.add_transformer(sink, name="bad", buffer_size=-5)
+    flow.set_consumer(sink)
+    with pytest.raises(TypeError, match="synchronous"):
+        flow.set_consumer(sync_transform, name="other")
+    assert list(flow.stats()) == ["double", "sink"]
+    # the rejected name was not reserved
+    flow.add_transformer(double, name="bad")
+    assert list(flow.stats()) == ["double", "bad", "sink"]
+
+
+def test_replacing_the_consumer_keeps_one_consumer() -> None:
+    flow = Flow()
+    flow.set_consumer(sink)
+    flow.set_consumer(sink)  # the same name again: it replaces, it does not clash
+    assert list(flow.stats()) == ["sink"]
+
+
+# -- misconfiguration found when the flow starts ---------------------------------------
+
+
+def _without(piece: str) -> Flow:
+    flow = Flow()
+    if piece != "producer":
+        flow.set_producer(gen)
+    if piece != "consumer":
+        flow.set_consumer(sink)
+    return flow
+
+
+MISSING = [
+    pytest.param("producer", r"no producer.*set_producer", id="producer"),
+    pytest.param("consumer", r"no consumer.*set_consumer", id="consumer"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("piece", "match"), MISSING)
+async def test_missing_piece_on_run(anyio_backend: Any, piece: str, match: str) -> None:
+    flow = _without(piece)
+    with pytest.raises(RuntimeError, match=match):
+        await flow.run()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("piece", "match"), MISSING)
+async def test_missing_piece_on_task_group_start(
+    anyio_backend: Any, piece: str, match: str
+) -> None:
+    flow = _without(piece)
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(RuntimeError, match=match):
+            await tg.start(flow.run)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("piece", "match"), MISSING)
+async def test_missing_piece_in_async_with(
+    anyio_backend: Any, piece: str, match: str
+) -> None:
+    flow = _without(piece)
+    with pytest.raises(RuntimeError, match=match):
+        async with flow:
+            await flow.start()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("piece", "match"), MISSING)
+async def test_missing_piece_on_background_start(
+    anyio_backend: Any, anyio_backend_name: str, piece: str, match: str
+) -> None:
+    if anyio_backend_name != "asyncio":
+        pytest.skip("background start() is asyncio-only")
+    flow = _without(piece)
+    with pytest.raises(RuntimeError, match=match):
+        await flow.start()
+
+
+@pytest.mark.anyio
+async def test_factory_returning_no_context_manager(anyio_backend: Any) -> None:
+    def not_a_factory() -> int:  # zero arguments: taken for a CM factory
+        return 3
+
+    flow = Flow()
+    flow.set_producer(gen)
+    flow.add_transformer(not_a_factory, name="odd")
+    flow.set_consumer(sink)
+    with pytest.raises(
+        TypeError,
+        match=r"transformer 'odd': the factory must return an async context manager",
+    ) as info:
+        await flow.run()
+    assert any(note.startswith("flowrhythm:") for note in info.value.__notes__)
+
+
+@pytest.mark.anyio
+async def test_context_manager_yielding_a_sync_function(anyio_backend: Any) -> None:
+    exited = 0
+
+    @asynccontextmanager
+    async def yields_sync():  # type: ignore[no-untyped-def]
+        nonlocal exited
+        try:
+            yield sync_transform
+        finally:
+            exited += 1
+
+    flow = Flow()
+    flow.set_producer(gen)
+    flow.set_consumer(yields_sync)
+    with pytest.raises(
+        TypeError,
+        match=r"consumer 'yields_sync': the context manager must yield an async function",
+    ):
+        await flow.run()
+    assert exited == 1
+
+
+@pytest.mark.anyio
+async def test_producer_callable_returning_no_async_iterable(
+    anyio_backend: Any,
+) -> None:
+    flow = Flow()
+    flow.set_producer(lambda: [1, 2, 3])
+    flow.set_consumer(sink)
+    with pytest.raises(TypeError, match=r"producer must produce an async iterable"):
+        await flow.run()
+
+
+# -- configuration after start ----------------------------------------------------------
+
+RECONFIGURE = [
+    pytest.param(lambda f: f.set_producer(gen), id="set_producer"),
+    pytest.param(
+        lambda f: f.add_transformer(double, name="late"), id="add_transformer"
+    ),
+    pytest.param(lambda f: f.set_consumer(sink, name="late"), id="set_consumer"),
+    pytest.param(lambda f: f.set_error_handler(handler), id="set_error_handler"),
+    pytest.param(
+        lambda f: f.set_default_scaling_strategy(FixedScaling(2)),
+        id="set_default_scaling_strategy",
+    ),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("reconfigure", RECONFIGURE)
+async def test_configuration_while_running_is_rejected(
+    anyio_backend: Any, reconfigure: Misconfig
+) -> None:
+    gate = anyio.Event()
+    errors: list[BaseException] = []
+
+    async def gated(x: int) -> None:
+        try:
+            reconfigure(flow)
+        except RuntimeError as exc:
+            errors.append(exc)
+        gate.set()
+
+    flow = Flow()
+    flow.set_producer(gen)
+    flow.set_consumer(gated)
+    with anyio.fail_after(10):
+        await flow.run()
+    assert gate.is_set()
+    assert len(errors) == 3
+    for exc in errors:
+        assert "cannot be configured after it has started" in str(exc)
+    assert list(flow.stats()) == ["gated"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("reconfigure", RECONFIGURE)
+async def test_configuration_after_the_run_is_rejected(
+    anyio_backend: Any, reconfigure: Misconfig
+) -> None:
+    flow = ready_flow()
+    with anyio.fail_after(10):
+        await flow.run()
+    with pytest.raises(
+        RuntimeError, match=r"cannot be configured after it has started"
+    ):
+        reconfigure(flow)
+
+
+@pytest.mark.anyio
+async def test_bad_stop_arguments(anyio_backend: Any) -> None:
+    flow = ready_flow()
+    with pytest.raises(ValueError, match=r"timeout must be >= 0"):
+        await flow.stop(timeout=-1)
+    with pytest.raises(TypeError, match=r"timeout must be a number of seconds"):
+        await flow.stop(timeout="soon")  # type: ignore[arg-type]
