@@ -144,17 +144,19 @@ def producer_source(
 
 @asynccontextmanager
 async def _iterate(
-    source: Any, cleanups: Cleanups
+    source: Any, cleanups: Cleanups, *, enter: bool = True
 ) -> AsyncIterator[AsyncIterator[Any]]:
     """Open a producer's source: enter it if it is a context manager, then iterate.
 
     The iterator is ``aclose()``d and the context manager exited on every path.
+    What a context manager yields is iterated, never entered again (a stream's
+    ``__aenter__`` returns the stream itself).
     """
-    if hasattr(source, "__aenter__") and hasattr(source, "__aexit__"):
+    if enter and hasattr(source, "__aenter__") and hasattr(source, "__aexit__"):
         cm = source
         source = await cm.__aenter__()
         try:
-            async with _iterate(source, cleanups) as iterator:
+            async with _iterate(source, cleanups, enter=False) as iterator:
                 yield iterator
         except BaseException as exc:
             await cleanups.exit(cm, exc)

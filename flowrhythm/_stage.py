@@ -144,6 +144,16 @@ class Stage:
         return retired
 
     @property
+    def full(self) -> bool:
+        """Whether a send to this stage would have to wait right now."""
+        counters = self.counters
+        return (
+            not counters.idle
+            and counters.offered - counters.taken
+            >= self.inbox.statistics().max_buffer_size
+        )
+
+    @property
     def active_workers(self) -> int:
         """The pool size the scaler aims at: workers not on their way out, plus
         workers that start as soon as those are gone."""
@@ -297,6 +307,7 @@ class Stage:
         assert self.next is not None
         counters = self.counters
         counters.blocked += 1
+        counters.blocked_sends += 1
         try:
             self.next.counters.last_enqueue_at = self.run.clock()
             await self.outbox.send(result)

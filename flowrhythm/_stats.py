@@ -47,6 +47,9 @@ class StageStats:
     errors: int
     #: items an abort cut while they were queued for, or in the hands of, this stage
     dropped: int
+    #: how many times a worker finished an item and had to wait for room downstream
+    #: (a stage whose count grows is held back by its downstream, not short of workers)
+    blocked_sends: int = 0
     #: when this snapshot was taken, on the same clock (``None`` before a run)
     sampled_at: float | None = None
 
@@ -72,6 +75,7 @@ class StageCounters:
 
     __slots__ = (
         "blocked",
+        "blocked_sends",
         "dequeue_gate",
         "enqueue_gate",
         "errors",
@@ -101,6 +105,7 @@ class StageCounters:
         self.workers = 0
         self.idle = 0
         self.blocked = 0
+        self.blocked_sends = 0
         self.nonempty_since: float | None = None
         self.last_enqueue_at: float | None = None
         self.last_dequeue_at: float | None = None
@@ -146,5 +151,6 @@ class StageCounters:
             processed=self.processed,
             errors=self.errors,
             dropped=dropped,
+            blocked_sends=self.blocked_sends,
             sampled_at=now,
         )

@@ -39,9 +39,16 @@ class ScalingStrategy:
     """Base class for scaling strategies; subclass it to write your own.
 
     The defaults keep ``initial_workers()`` workers and never change the pool.
+    A strategy whose ``min_workers == max_workers`` is never consulted at all.
+
     A strategy instance may be the default of many stages: the runtime gives each
-    stage its own shallow copy (see :meth:`for_stage`), so state kept on ``self``
-    never leaks from one stage to another.
+    stage the result of :meth:`for_stage`, by default a shallow copy, so attributes
+    a hook assigns are per stage. Mutable containers created in ``__init__`` are
+    shared by the copies unless you override :meth:`for_stage`.
+
+    Time: ``stats.sampled_at`` and the ``last_*_at`` fields come from the flow's
+    clock (``Flow(clock=...)``, injectable for tests); the ``on_tick`` period is
+    measured on the event loop's clock.
     """
 
     #: the pool never shrinks below this
@@ -117,7 +124,9 @@ class UtilizationScaling(ScalingStrategy):
       last scale event of either kind, so the pool never flaps: a shrink needs
       sustained idleness, and a scale-up is always followed by a quiet period.
 
-    Workers blocked sending downstream count neither as busy nor as idle. With
+    Workers blocked sending downstream count neither as busy nor as idle, and a
+    stage that had to wait for room downstream since the last decision
+    (``blocked_sends`` grew) is never grown. With
     ``min_workers=0`` an idle stage scales to zero and gets a worker back as soon
     as an item is queued for it. Each stage uses its own copy of the strategy, so
     one instance can be the default for a whole flow.
@@ -183,6 +192,7 @@ class UtilizationScaling(ScalingStrategy):
         self.sampling_events = sampling_events
 
         self._average: float | None = None
+        self._blocked_sends = 0
 
     def initial_workers(self) -> int:
         return max(self.min_workers, 1)
@@ -199,23 +209,33 @@ class UtilizationScaling(ScalingStrategy):
     def for_stage(self, stage_name: str) -> UtilizationScaling:
         clone = copy.copy(self)
         clone._average = None
+        clone._blocked_sends = 0
         return clone
 
     def _decide(self, stats: StageStats) -> int:
         working = stats.busy_workers + stats.idle_workers
-        sample = stats.busy_workers / working if working else 0.0
-        previous = self._average
-        average = (
-            sample
-            if previous is None
-            else self.dampening * sample + (1.0 - self.dampening) * previous
+        average = self._average
+        if working:  # a pool whose workers all wait on downstream says nothing
+            sample = stats.busy_workers / working
+            average = (
+                sample
+                if average is None
+                else self.dampening * sample + (1.0 - self.dampening) * average
+            )
+            self._average = average
+        if average is None:
+            return 0
+        # Any send that had to wait since the last decision means downstream, not
+        # this stage, limits the flow: more workers here would only wait too.
+        held_back = (
+            stats.blocked_workers > 0 or stats.blocked_sends > self._blocked_sends
         )
-        self._average = average
+        self._blocked_sends = stats.blocked_sends
         total = stats.total_workers()
         if (
             average >= self.upper_utilization
             and stats.queue_length > 0
-            and stats.blocked_workers == 0
+            and not held_back
             and total < self.max_workers
         ):
             return self.upscaling_rate
