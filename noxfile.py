@@ -113,3 +113,10 @@ def bench(session: nox.Session) -> None:
     """Run the throughput benchmarks; arguments after ``--`` are passed on."""
     session.install(".[bench]")
     session.run("python", "-m", "benchmarks.throughput", *session.posargs)
+
+
+@nox.session(python=PYTHONS[:1])
+def tests_oldest(session: nox.Session) -> None:
+    """Run the tests against the oldest anyio the package declares it supports."""
+    session.install(".[test]", "anyio==4.6.0")
+    session.run("pytest", *session.posargs)

@@ -7,11 +7,14 @@ import functools
 import importlib.util
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 BACKENDS = ("asyncio", "trio", "uvloop")
 
@@ -33,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run a demo pipeline: a bursty producer, an I/O-bound stage under "
             "UtilizationScaling, a stage that fails on some items, and a consumer. "
-            "Prints the stats of every stage about once a second, then drains the "
-            "flow and prints a summary."
+            "Shows the stats of every stage live (with rich, on a terminal) or "
+            "prints them about once a second, then drains the flow and prints a "
+            "summary."
         ),
     )
     demo.add_argument(
@@ -57,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="seed the random latencies, for repeatable runs",
     )
+    demo.add_argument(
+        "--plain",
+        action="store_true",
+        help="print plain text reports instead of the live view",
+    )
+    demo.add_argument(
+        "--no-color",
+        action="store_true",
+        help="draw the live view without colors (so does NO_COLOR=1)",
+    )
     return parser
 
 
@@ -73,6 +87,7 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from ._demo import format_summary, run_demo
 
     backend, options = _backend(parser, args.backend)
+    console = None if args.plain else _live_console(no_color=args.no_color)
     print(
         f"flowrhythm {__version__} demo on {args.backend}, "
         f"{args.duration:g}s (Ctrl-C to stop)\n",
@@ -80,13 +95,19 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     )
     try:
         summary = anyio.run(
-            functools.partial(run_demo, args.duration, seed=args.seed),
+            functools.partial(
+                run_demo, args.duration, seed=args.seed, console=console
+            ),
             backend=backend,
             backend_options=options,
         )
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not _interrupted(exc):
+            raise
         print("interrupted", file=sys.stderr)
         return 130
+    if console is not None:
+        print()
     print(format_summary(summary))
     return 0 if summary.conserved else 1
 
@@ -99,6 +120,23 @@ def _backend(parser: argparse.ArgumentParser, name: str) -> tuple[str, dict[str,
             parser.error("uvloop is not installed: pip install 'flowrhythm[uvloop]'")
         return "asyncio", {"use_uvloop": True}
     return name, {}
+
+
+def _live_console(*, no_color: bool) -> Console | None:
+    """A rich console for the live view, or None: no rich, or not a terminal."""
+    if not sys.stdout.isatty() or importlib.util.find_spec("rich") is None:
+        return None
+    from rich.console import Console
+
+    return Console(no_color=no_color or None, highlight=False)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Tell whether ``exc`` is a Ctrl-C, possibly wrapped by task groups."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    inner = getattr(exc, "exceptions", None)
+    return bool(inner) and all(_interrupted(e) for e in inner)
 
 
 def _positive_float(text: str) -> float:

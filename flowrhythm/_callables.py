@@ -14,8 +14,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-
 from ._cleanup import Cleanups
 
 ItemFn = Callable[[Any], Awaitable[Any]]
@@ -176,11 +174,6 @@ async def _iterate(
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await cleanups.run(aclose)
-
-
-def in_cancelled_scope() -> bool:
-    # Called from a finally block: tells whether cleanup must be shielded.
-    return anyio.current_effective_deadline() == float("-inf")
 
 
 def _is_async_function(obj: object) -> bool:

@@ -15,6 +15,11 @@ logger = logging.getLogger("flowrhythm")
 CLEANUP_TIMEOUT = 5.0
 
 
+def in_cancelled_scope() -> bool:
+    # Called from a finally block: tells whether cleanup must be shielded.
+    return anyio.current_effective_deadline() == float("-inf")
+
+
 class Cleanups:
     """Runs cleanup shielded from the flow's cancellation, for a bounded time.
 

@@ -6,9 +6,11 @@ The pipeline::
         -> validate (fails on some items) -> store (consumer)
     failed items -> on_error (counts them)
 
-While it runs, a *reporter* is called with ``flow.stats()`` and the elapsed time
-about once a second. The reporter is the only part that draws anything: swap
-:class:`TextReporter` for another callable of the same shape to change the view.
+While it runs, either a live view (:mod:`flowrhythm.monitor`, with rich) redraws
+the stages a few times a second, or a *reporter* is called with ``flow.stats()``
+and the elapsed time about once a second. The reporter is the only part that draws
+anything in plain mode: swap :class:`TextReporter` for another callable of the
+same shape to change the view.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import random
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import anyio
 
 from ._flow import Flow
 from ._stats import StageStats
 from .scaling import FixedScaling, UtilizationScaling
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 #: what draws the live view: called with the stats by stage name and the seconds
 #: since the flow started
@@ -239,6 +244,7 @@ async def run_demo(
     reporter: Reporter | None = None,
     report_interval: float = 1.0,
     seed: int | None = None,
+    console: Console | None = None,
 ) -> DemoSummary:
     """Run the demo pipeline for ``duration`` seconds, then drain it.
 
@@ -246,6 +252,8 @@ async def run_demo(
     :param reporter: called about every ``report_interval`` seconds with
         ``flow.stats()`` and the elapsed time (default: :class:`TextReporter`)
     :param seed: seeds the random latencies, for repeatable runs
+    :param console: show the live view (needs rich) on this console instead of
+        calling the reporter; it draws its last frame once the flow has drained
     """
     report = reporter if reporter is not None else TextReporter()
     clock = anyio.current_time
@@ -259,23 +267,26 @@ async def run_demo(
             max_workers[name] = max(max_workers[name], stage.total_workers())
         return stats
 
-    async with flow:
+    async with flow, anyio.create_task_group() as tg:
         pipeline.started_at = start = clock()
         await flow.start()
+        if console is not None:
+            # Returns by itself once the flow has finished.
+            tg.start_soon(_show_live, flow, pipeline, duration, console)
         # Sample on a fixed grid from the start, so reports do not drift.
         samples = max(1, round(duration / SAMPLE_INTERVAL))
         per_report = max(1, round(report_interval / SAMPLE_INTERVAL))
         for tick in range(1, samples + 1):
             await anyio.sleep_until(start + duration * tick / samples)
             stats = sample()
-            if tick % per_report == 0 or tick == samples:
+            if console is None and (tick % per_report == 0 or tick == samples):
                 report(stats, clock() - start)
         ran_for = clock() - start
-        async with anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as sampler:
             # Keep sampling while the flow drains.
-            tg.start_soon(_sample_until_stopped, sample)
+            sampler.start_soon(_sample_until_stopped, sample)
             await flow.stop(drain=True, timeout=DRAIN_TIMEOUT)
-            tg.cancel_scope.cancel()
+            sampler.cancel_scope.cancel()
         elapsed = clock() - start
     final = sample()
     return DemoSummary(
@@ -294,3 +305,25 @@ async def _sample_until_stopped(sample: Callable[[], object]) -> None:
     while True:
         await anyio.sleep(SAMPLE_INTERVAL)
         sample()
+
+
+async def _show_live(
+    flow: Flow, pipeline: _Pipeline, duration: float, console: Console
+) -> None:
+    from .monitor import FlowView, _Display
+
+    class DemoView(FlowView):
+        """The monitor's view, headed by the demo's clock and producer phase."""
+
+        def heading(self) -> str:
+            now = next(iter(self.stats.values())).sampled_at
+            if now is None:
+                return super().heading()
+            elapsed = now - pipeline.started_at
+            parts = [f"t={elapsed:5.1f}s"]
+            if elapsed < duration:
+                parts.append(f"phase: {phase_at(elapsed)[0]:<5}")
+            parts.append(super().heading())
+            return "  ".join(parts)
+
+    await _Display(DemoView(flow), 4.0, console).run()

@@ -15,8 +15,8 @@ from anyio.abc import TaskStatus
 from anyio.lowlevel import checkpoint
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._cleanup import Cleanups
-from ._errors import add_note
+from ._cleanup import Cleanups, in_cancelled_scope
+from ._errors import add_note, spurious_cancellation
 from ._plan import Plan
 from ._stage import CHECKPOINT_EVERY, Stage
 from ._stats import StageCounters
@@ -261,8 +261,10 @@ class Run:
                             budget = CHECKPOINT_EVERY
                             counters.last_enqueue_at = clock()
                             await checkpoint()
-        except anyio.get_cancelled_exc_class():
-            raise
+        except anyio.get_cancelled_exc_class() as exc:
+            if in_cancelled_scope():
+                raise
+            self.fail(spurious_cancellation(exc, "the producer"), "")
         except BaseException as exc:
             self.fail(exc, "raised by the producer")
         finally:

@@ -11,9 +11,9 @@ from anyio.abc import TaskStatus
 from anyio.lowlevel import checkpoint
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._callables import in_cancelled_scope
+from ._cleanup import in_cancelled_scope
 from ._controller import Controller
-from ._errors import add_note
+from ._errors import add_note, spurious_cancellation
 from ._plan import StagePlan
 from ._stats import StageCounters
 
@@ -191,8 +191,10 @@ class Stage:
                     await self.run.cleanups.exit(cm, exc)
                     raise
                 await self.run.cleanups.exit(cm, None)
-        except anyio.get_cancelled_exc_class():
-            raise
+        except anyio.get_cancelled_exc_class() as exc:
+            if in_cancelled_scope():
+                raise
+            self.run.fail(spurious_cancellation(exc, call.role), "")
         except BaseException as exc:
             self.run.fail(exc, f"raised in {call.role}")
         finally:

@@ -1,0 +1,129 @@
+"""Describe a flow's configuration: a text outline and a Mermaid diagram."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._callables import StageCallable, callable_name
+from .scaling import ScalingStrategy
+
+if TYPE_CHECKING:
+    from ._flow import Flow
+
+
+def describe(flow: Flow) -> str:
+    """Return a plain-text outline of ``flow``: one line per part, in item order.
+
+    Each stage line shows its kind, its name, the capacity of its input buffer and
+    its scaling strategy::
+
+        producer     numbers
+        transformer  double   buffer 64  FixedScaling(workers=2)
+        consumer     show     buffer 64  FixedScaling(workers=1)
+        errors       on_error
+    """
+    rows = [("producer", _text(_producer_name(flow)) or "(not set)", "", "")]
+    for plan in flow._stage_plans():
+        buffer = plan.buffer_size if plan.buffer_size is not None else flow._buffer_size
+        strategy = plan.scaling if plan.scaling is not None else flow._default_scaling
+        rows.append((plan.kind, _text(plan.name), f"buffer {buffer}", repr(strategy)))
+    if flow._consumer is None:
+        rows.append(("consumer", "(not set)", "", ""))
+    handler = _handler_name(flow)
+    rows.append(("errors", _text(handler) if handler else "logged (no error handler)"))
+    widths = [max(len(row[i]) for row in rows if len(row) > i) for i in range(3)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        cells += row[len(widths) :]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def to_mermaid(flow: Flow) -> str:
+    """Return ``flow`` as a Mermaid ``flowchart LR`` definition.
+
+    The producer and the consumer are rounded nodes, each stage shows its scaling
+    strategy in brief, and a dashed edge leads from every stage to the error
+    handler.
+    """
+    plans = flow._stage_plans()
+    lines = ["flowchart LR"]
+    producer = _producer_name(flow) or "(not set)"
+    lines.append(f'    producer(["{_label(producer, "producer")}"])')
+    ids = []
+    for number, plan in enumerate(plans, start=1):
+        node = f"stage{number}"
+        ids.append(node)
+        strategy = plan.scaling if plan.scaling is not None else flow._default_scaling
+        label = _label(plan.name, _brief(strategy))
+        if plan.kind == "consumer":
+            lines.append(f'    {node}(["{label}"])')
+        else:
+            lines.append(f'    {node}["{label}"]')
+    handler = _handler_name(flow)
+    if handler:
+        lines.append(f'    errors{{{{"{_label(handler, "error handler")}"}}}}')
+    else:
+        lines.append('    errors{{"logged<br/>no error handler"}}')
+    previous = "producer"
+    for node in ids:
+        lines.append(f"    {previous} --> {node}")
+        previous = node
+    lines.extend(f"    {node} -.-> errors" for node in ids)
+    return "\n".join(lines)
+
+
+def _producer_name(flow: Flow) -> str | None:
+    """The name of the flow's producer (``None`` when it has none).
+
+    Flow keeps only the opened source, a closure over what was passed to
+    ``set_producer``; the name is read from that closure.
+    """
+    name = getattr(flow, "_producer_name", None)
+    if isinstance(name, str):
+        return name
+    source = flow._source
+    if source is None:
+        return None
+    for cell in getattr(source, "__closure__", None) or ():
+        obj = cell.cell_contents
+        found = callable_name(obj)
+        return found if found is not None else type(obj).__name__
+    return "producer"
+
+
+def _handler_name(flow: Flow) -> str | None:
+    handler: StageCallable | None = flow._error_handler
+    if handler is None:
+        return None
+    obj = handler.fn if handler.fn is not None else handler.factory
+    return callable_name(obj) or "error handler"
+
+
+def _brief(strategy: ScalingStrategy) -> str:
+    """``Fixed 2``, ``Utilization 1–16``: the strategy's kind and worker bounds."""
+    kind = type(strategy).__name__
+    kind = kind.removesuffix("Scaling") or kind
+    low, high = strategy.min_workers, strategy.max_workers
+    return f"{kind} {low}" if low == high else f"{kind} {low}–{high}"
+
+
+def _text(name: str | None) -> str:
+    """A name for the outline: as is when printable, else its repr."""
+    if name is None:
+        return ""
+    return name if name.isprintable() else repr(name)
+
+
+def _label(*lines: str) -> str:
+    """A Mermaid node label: the lines, escaped, joined by line breaks."""
+    return "<br/>".join(_escape(line) for line in lines)
+
+
+def _escape(text: str) -> str:
+    # Mermaid reads #name; and #number; as entities, and HTML in labels.
+    text = text.replace("#", "#35;")
+    for char, entity in (('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
+        text = text.replace(char, entity)
+    return " ".join(text.split())  # no line breaks or tabs inside a label
