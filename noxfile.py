@@ -120,3 +120,16 @@ def tests_oldest(session: nox.Session) -> None:
     """Run the tests against the oldest anyio the package declares it supports."""
     session.install(".[test]", "anyio==4.6.0")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHONS[-1:])
+def stress(session: nox.Session) -> None:
+    """The property-based tests with many more generated cases per backend."""
+    session.install(".[test]")
+    session.run(
+        "pytest",
+        "tests/test_properties.py",
+        "tests/test_scaling_churn.py",
+        *session.posargs,
+        env={"FLOWRHYTHM_HYPOTHESIS": "stress"},
+    )

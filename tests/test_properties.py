@@ -33,8 +33,8 @@ BACKENDS: list[Any] = [
 if sys.platform == "win32":
     del BACKENDS[1]
 
+# max_examples comes from the profile loaded in conftest.py (25, or 400 in stress).
 SETTINGS = settings(
-    max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     derandomize=False,
