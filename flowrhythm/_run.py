@@ -202,6 +202,7 @@ class Run:
             )
             if stages:
                 stages[-1].next = stage
+                stages[-1].counters.output = stage.counters
             stages.append(stage)
             if next_inbox is not None:
                 inbox = next_inbox

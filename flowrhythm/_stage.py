@@ -206,32 +206,34 @@ class Stage:
             self._check_done()
 
     async def _loop(self, fn: Callable[[Any], Awaitable[Any]]) -> None:
-        """Receive, call, send: the hot path.
+        """Receive, call, send: the hot path of a transformer.
 
         Non-blocking stream operations first, the awaiting form only when they
         would block. A worker that never blocks checkpoints every
         ``CHECKPOINT_EVERY`` items and refreshes the stage's timestamps there, so
         the common path costs no clock read and no event-loop round trip. The
-        scaler's sampling gates are one integer comparison per item.
+        scaler's sampling gates are one integer comparison each. Items this stage
+        finished are counted once, as items offered to the next stage.
         """
+        if self.outbox is None:
+            await self._consume_loop(fn)
+            return
+        assert self.next is not None
         counters = self.counters
         controller = self.controller
         receive_nowait = self.inbox.receive_nowait
         on_error = self.run.route_error
-        outbox = self.outbox
-        if outbox is not None:
-            assert self.next is not None
-            send_nowait = outbox.send_nowait
-            downstream = self.next.counters
-            next_controller = self.next.controller
-        else:  # the consumer sends nothing; these are never used
-            downstream = counters
-            next_controller = controller
+        send_nowait = self.outbox.send_nowait
+        downstream = self.next.counters
+        next_controller = self.next.controller
         budget = CHECKPOINT_EVERY
 
         # This worker was counted idle when spawned; it is idle until it has an item.
         item = await self._receive_blocking()
-        while item is not _END and item is not _RETIRED:
+        if item is _END or item is _RETIRED:
+            self._exhausted = item is _END
+            return
+        while True:
             counters.taken += 1
             if counters.taken >= counters.dequeue_gate:
                 controller.on_dequeue_gate()
@@ -240,16 +242,14 @@ class Stage:
             except Exception as exc:
                 await on_error(self, item, exc)
             else:
-                counters.processed += 1
-                if outbox is not None:
-                    downstream.offered += 1
-                    if downstream.offered >= downstream.enqueue_gate:
-                        next_controller.on_enqueue_gate()
-                    try:
-                        send_nowait(result)
-                    except WouldBlock:
-                        await self._send_blocking(result)
-                        budget = CHECKPOINT_EVERY
+                downstream.offered += 1
+                if downstream.offered >= downstream.enqueue_gate:
+                    next_controller.on_enqueue_gate()
+                try:
+                    send_nowait(result)
+                except WouldBlock:
+                    await self._send_blocking(result)
+                    budget = CHECKPOINT_EVERY
             del item  # not held while waiting for the next one
             budget -= 1
             if not budget:
@@ -261,11 +261,55 @@ class Stage:
             except WouldBlock:
                 counters.idle += 1
                 item = await self._receive_blocking()
+                if item is _END or item is _RETIRED:
+                    break
                 budget = CHECKPOINT_EVERY
             except EndOfStream:
                 item = _END
-        if item is _END:
-            self._exhausted = True
+                break
+        self._exhausted = item is _END
+
+    async def _consume_loop(self, fn: Callable[[Any], Awaitable[Any]]) -> None:
+        """The consumer's hot path: ``_loop`` without the send downstream (kept as
+        a separate loop so neither pays a per-item branch)."""
+        counters = self.counters
+        controller = self.controller
+        receive_nowait = self.inbox.receive_nowait
+        on_error = self.run.route_error
+        budget = CHECKPOINT_EVERY
+
+        item = await self._receive_blocking()
+        if item is _END or item is _RETIRED:
+            self._exhausted = item is _END
+            return
+        while True:
+            counters.taken += 1
+            if counters.taken >= counters.dequeue_gate:
+                controller.on_dequeue_gate()
+            try:
+                await fn(item)
+            except Exception as exc:
+                await on_error(self, item, exc)
+            else:
+                counters.processed += 1
+            del item
+            budget -= 1
+            if not budget:
+                budget = CHECKPOINT_EVERY
+                self._refresh()
+                await checkpoint()
+            try:
+                item = receive_nowait()
+            except WouldBlock:
+                counters.idle += 1
+                item = await self._receive_blocking()
+                if item is _END or item is _RETIRED:
+                    break
+                budget = CHECKPOINT_EVERY
+            except EndOfStream:
+                item = _END
+                break
+        self._exhausted = item is _END
 
     async def _receive_blocking(self) -> Any:
         """Wait for the next item as an idle worker; or ``_END``, or ``_RETIRED``.

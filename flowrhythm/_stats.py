@@ -88,6 +88,7 @@ class StageCounters:
         "name",
         "nonempty_since",
         "offered",
+        "output",
         "processed",
         "settled",
         "taken",
@@ -100,7 +101,10 @@ class StageCounters:
         self.offered = 0
         #: items a worker took from the input
         self.taken = 0
+        #: items the callable finished; a transformer leaves it at 0 and counts them
+        #: once, as ``output.offered`` (every finished item is offered downstream)
         self.processed = 0
+        self.output: StageCounters | None = None
         self.errors = 0
         self.workers = 0
         self.idle = 0
@@ -125,11 +129,12 @@ class StageCounters:
 
     def snapshot(self, now: float | None = None) -> StageStats:
         busy = self.workers - self.idle - self.blocked
+        processed = self.processed if self.output is None else self.output.offered
         if self.settled:
             # After the run every offered item reached the stage; whatever it did not
             # finish or route to the error handler was cut by an abort.
             received = self.offered
-            dropped = self.offered - self.processed - self.errors
+            dropped = self.offered - processed - self.errors
             queue_length = 0
         else:
             received = self.taken
@@ -148,7 +153,7 @@ class StageCounters:
             last_scale_down_at=self.last_scale_down_at,
             last_error_at=self.last_error_at,
             received=received,
-            processed=self.processed,
+            processed=processed,
             errors=self.errors,
             dropped=dropped,
             blocked_sends=self.blocked_sends,
