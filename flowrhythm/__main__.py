@@ -95,9 +95,7 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     )
     try:
         summary = anyio.run(
-            functools.partial(
-                run_demo, args.duration, seed=args.seed, console=console
-            ),
+            functools.partial(run_demo, args.duration, seed=args.seed, console=console),
             backend=backend,
             backend_options=options,
         )
@@ -135,7 +133,7 @@ def _interrupted(exc: BaseException) -> bool:
     """Tell whether ``exc`` is a Ctrl-C, possibly wrapped by task groups."""
     if isinstance(exc, KeyboardInterrupt):
         return True
-    inner = getattr(exc, "exceptions", None)
+    inner: tuple[BaseException, ...] = getattr(exc, "exceptions", ())
     return bool(inner) and all(_interrupted(e) for e in inner)
 
 

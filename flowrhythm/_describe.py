@@ -22,21 +22,27 @@ def describe(flow: Flow) -> str:
         consumer     show     buffer 64  FixedScaling(workers=1)
         errors       on_error
     """
-    rows = [("producer", _text(_producer_name(flow)) or "(not set)", "", "")]
+    producer = _text(_producer_name(flow)) or "(not set)"
+    rows: list[tuple[str, ...]] = [("producer", producer)]
     for plan in flow._stage_plans():
         buffer = plan.buffer_size if plan.buffer_size is not None else flow._buffer_size
         strategy = plan.scaling if plan.scaling is not None else flow._default_scaling
         rows.append((plan.kind, _text(plan.name), f"buffer {buffer}", repr(strategy)))
     if flow._consumer is None:
-        rows.append(("consumer", "(not set)", "", ""))
+        rows.append(("consumer", "(not set)"))
     handler = _handler_name(flow)
     rows.append(("errors", _text(handler) if handler else "logged (no error handler)"))
-    widths = [max(len(row[i]) for row in rows if len(row) > i) for i in range(3)]
+    # Align the columns of the stage rows; the others only align their second cell.
+    widths = [
+        max((len(row[i]) for row in rows if len(row) > i + 1), default=0)
+        for i in range(3)
+    ]
     lines = []
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
-        cells += row[len(widths) :]
-        lines.append("  ".join(cells).rstrip())
+        cells = [
+            cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)
+        ]
+        lines.append("  ".join([*cells, row[-1]]))
     return "\n".join(lines)
 
 
@@ -75,22 +81,8 @@ def to_mermaid(flow: Flow) -> str:
 
 
 def _producer_name(flow: Flow) -> str | None:
-    """The name of the flow's producer (``None`` when it has none).
-
-    Flow keeps only the opened source, a closure over what was passed to
-    ``set_producer``; the name is read from that closure.
-    """
-    name = getattr(flow, "_producer_name", None)
-    if isinstance(name, str):
-        return name
-    source = flow._source
-    if source is None:
-        return None
-    for cell in getattr(source, "__closure__", None) or ():
-        obj = cell.cell_contents
-        found = callable_name(obj)
-        return found if found is not None else type(obj).__name__
-    return "producer"
+    """The name of the flow's producer (``None`` when it has none)."""
+    return flow._producer_name
 
 
 def _handler_name(flow: Flow) -> str | None:

@@ -11,6 +11,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from ._callables import callable_name, producer_source, stage_callable
+from ._describe import describe, to_mermaid
 from ._errors import add_note
 from ._plan import Plan, Source, StagePlan
 from ._run import Run, current_run
@@ -19,7 +20,12 @@ from ._types import Consumer, ErrorHandler, Producer, Transformer
 from .scaling import FixedScaling, ScalingStrategy, _check_int
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from rich.console import Console
     from typing_extensions import Self
+
+    from .monitor import FlowView
 
 #: the default capacity of each stage's input buffer
 DEFAULT_BUFFER_SIZE = 64
@@ -61,6 +67,7 @@ class Flow:
         self._buffer_size = buffer_size
         self._clock = clock
         self._source: Source | None = None
+        self._producer_name: str | None = None
         self._transformers: list[StagePlan] = []
         self._consumer: StagePlan | None = None
         self._error_handler: Any = None
@@ -80,6 +87,7 @@ class Flow:
         """
         self._check_configurable()
         self._source = producer_source(producer)
+        self._producer_name = callable_name(producer) or type(producer).__name__
 
     def add_transformer(
         self,
@@ -277,6 +285,30 @@ class Flow:
             plan.name: StageCounters(plan.name).snapshot()
             for plan in self._stage_plans()
         }
+
+    @property
+    def state(self) -> str:
+        """``"not started"``, ``"running"`` or ``"finished"``."""
+        if self._run is None:
+            return "not started"
+        return "finished" if self._run.state == "finished" else "running"
+
+    def describe(self) -> str:
+        """Return a plain-text outline of the flow: producer, stages, error handler."""
+        return describe(self)
+
+    def to_mermaid(self) -> str:
+        """Return the flow as a Mermaid ``flowchart LR`` diagram."""
+        return to_mermaid(self)
+
+    def monitor(
+        self, *, refresh_per_second: float = 4.0, console: Console | None = None
+    ) -> AbstractAsyncContextManager[FlowView]:
+        """Show a live terminal view of the stages while an ``async with`` block
+        runs; see :func:`flowrhythm.monitor.monitor` (needs ``flowrhythm[rich]``)."""
+        from .monitor import monitor
+
+        return monitor(self, refresh_per_second=refresh_per_second, console=console)
 
     # -- async with -----------------------------------------------------------------
 

@@ -4,9 +4,9 @@
 
     from flowrhythm.monitor import monitor
 
-    async with flow, monitor(flow):
+    async with monitor(flow), flow:
         await flow.start()
-        ...
+        ...  # the view shows the stages until the flow has finished
 
 The view redraws a few times a second from :meth:`Flow.stats` snapshots alone, so it
 costs the flow's hot path nothing. This module imports without rich installed;
@@ -198,7 +198,9 @@ async def monitor(
     """Show a live view of ``flow`` while the ``async with`` block runs.
 
     The view draws its final frame and stops when the block ends or when the flow
-    has finished, whichever comes first. The arguments are those of :func:`live`.
+    has finished, whichever comes first. To watch a flow to its end, enter the
+    monitor first: ``async with monitor(flow), flow:``. The arguments are those of
+    :func:`live`; the block gets the :class:`FlowView`.
 
     :raises ModuleNotFoundError: if rich is not installed
     """

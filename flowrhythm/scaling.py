@@ -115,14 +115,20 @@ class UtilizationScaling(ScalingStrategy):
     ``dampening``. Then:
 
     * it **grows** by ``upscaling_rate`` when the average is at or above
-      ``upper_utilization``, items are waiting in the stage's input, and no worker
-      is blocked on a full downstream buffer (such a stage is not short of
-      workers: its downstream is). Growth is limited by sampling alone, so a burst
-      is met within a few samples;
+      ``upper_utilization``, items are waiting in the stage's input and their
+      number has not dropped since the last decision (a backlog being worked off
+      needs no more workers: growing then would overshoot), and no send to the
+      next stage had to wait (such a stage is short of room downstream, not of
+      workers). Growth is limited by sampling alone, so a burst is met within a
+      few samples;
     * it **shrinks** by ``downscaling_rate`` when the average is at or below
-      ``lower_utilization`` and ``cooldown_seconds`` have passed since the stage's
-      last scale event of either kind, so the pool never flaps: a shrink needs
-      sustained idleness, and a scale-up is always followed by a quiet period.
+      ``lower_utilization``, some workers are idle, nothing is queued, and
+      ``cooldown_seconds`` have passed since the stage's last scale event of
+      either kind: a shrink needs sustained idleness, and every scale event is
+      followed by a quiet period. The band between the two thresholds is the
+      hysteresis that keeps the pool from flapping; a pool settles where its
+      utilization falls inside it, so a narrow band near 1.0 sizes it tightly
+      and a wide one leaves headroom.
 
     Workers blocked sending downstream count neither as busy nor as idle, and a
     stage that had to wait for room downstream since the last decision
@@ -193,6 +199,7 @@ class UtilizationScaling(ScalingStrategy):
 
         self._average: float | None = None
         self._blocked_sends = 0
+        self._queue: int | None = None
 
     def initial_workers(self) -> int:
         return max(self.min_workers, 1)
@@ -210,6 +217,7 @@ class UtilizationScaling(ScalingStrategy):
         clone = copy.copy(self)
         clone._average = None
         clone._blocked_sends = 0
+        clone._queue = None
         return clone
 
     def _decide(self, stats: StageStats) -> int:
@@ -231,15 +239,26 @@ class UtilizationScaling(ScalingStrategy):
             stats.blocked_workers > 0 or stats.blocked_sends > self._blocked_sends
         )
         self._blocked_sends = stats.blocked_sends
+        # A queue that shrank since the last decision is already being worked off:
+        # growing more would overshoot (the backlog keeps every worker busy).
+        queue = stats.queue_length
+        draining = self._queue is not None and queue < self._queue
+        self._queue = queue
         total = stats.total_workers()
         if (
             average >= self.upper_utilization
-            and stats.queue_length > 0
+            and queue > 0
+            and not draining
             and not held_back
             and total < self.max_workers
         ):
             return self.upscaling_rate
-        if average <= self.lower_utilization and total > self.min_workers:
+        if (
+            average <= self.lower_utilization
+            and total > self.min_workers
+            and stats.idle_workers > 0
+            and queue == 0
+        ):
             now = stats.sampled_at
             events = [
                 t
