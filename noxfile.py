@@ -112,7 +112,7 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Run the throughput benchmarks; arguments after ``--`` are passed on."""
     session.install(".[bench]")
-    session.run("python", "-m", "benchmarks.throughput", *session.posargs)
+    session.run("python", "-m", "benchmarks", *session.posargs)
 
 
 @nox.session(python=PYTHONS[:1])

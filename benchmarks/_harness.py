@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,18 +58,181 @@ def parse_csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+# -- contenders ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One pipeline implementation the throughput benchmark races."""
+
+    name: str
+    run: Workload
+    #: the backends it can run on (asyncio.Queue needs an asyncio event loop)
+    backends: tuple[str, ...] = BACKENDS
+    #: modules it imports: a missing one turns its rows into "not installed"
+    requires: tuple[str, ...] = ()
+    #: what to ``pip install`` for it, named in the "not installed" note
+    pip: tuple[str, ...] = ()
+    #: the oldest Python it runs on; an older interpreter runs it in a child
+    #: process of a newer one (see :func:`find_python`)
+    min_python: tuple[int, int] = (3, 10)
+    #: a peer library: it runs ``--peer-items`` items, as some take 100+ µs each
+    peer: bool = False
+
+    def missing(self) -> list[str]:
+        """The required modules this interpreter cannot import."""
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+
+# -- a second interpreter, for contenders that need a newer Python ------------------
+
+#: the package directory's parent: a child process imports ``benchmarks`` and
+#: ``flowrhythm`` from here, so it measures the same source as the parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: names an interpreter for contenders that need a newer Python than this one
+PYTHON_ENV = "FLOWRHYTHM_BENCH_PYTHON"
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p
+    )
+    return env
+
+
+def python_candidates(min_python: tuple[int, int]) -> list[str]:
+    """Where to look for an interpreter of ``min_python`` or newer, in order:
+    ``$FLOWRHYTHM_BENCH_PYTHON``, a sibling of the running virtualenv named like
+    it plus the version (``/x/venv`` -> ``/x/venv312``), ``python3.N`` on PATH."""
+    found: list[str] = []
+    if os.environ.get(PYTHON_ENV):
+        found.append(os.environ[PYTHON_ENV])
+    major, minor = min_python
+    for newer in range(minor, minor + 4):
+        tag = f"{major}{newer}"
+        for name in (f"{sys.prefix}{tag}", f"{sys.prefix}-{tag}"):
+            python = Path(name) / "bin" / "python"
+            if python.exists():
+                found.append(str(python))
+        on_path = shutil.which(f"python{major}.{newer}")
+        if on_path:
+            found.append(on_path)
+    return list(dict.fromkeys(found))
+
+
+_python_cache: dict[
+    tuple[tuple[int, int], tuple[str, ...]], tuple[str | None, str]
+] = {}
+
+
+def find_python(
+    min_python: tuple[int, int], requires: Sequence[str] = ()
+) -> tuple[str | None, str]:
+    """An interpreter that is at least ``min_python`` and imports flowrhythm, anyio
+    and ``requires``; returns ``(path, "python X.Y")`` or ``(None, why not)``."""
+    key = (min_python, tuple(requires))
+    if key in _python_cache:
+        return _python_cache[key]
+    modules = ["anyio", "flowrhythm", *requires]
+    probe = (
+        "import sys\n"
+        f"for m in {modules!r}: __import__(m)\n"
+        "print('%d.%d' % sys.version_info[:2])"
+    )
+    answer: tuple[str | None, str] = (
+        None,
+        (
+            f"needs Python >= {min_python[0]}.{min_python[1]}: none found "
+            f"(set {PYTHON_ENV} to one that has {', '.join(modules)})"
+        ),
+    )
+    for python in python_candidates(min_python):
+        try:
+            out = subprocess.run(
+                [python, "-c", probe],
+                cwd=REPO_ROOT, env=_child_env(), capture_output=True, text=True,
+                check=True, timeout=60,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            continue
+        ver = out.stdout.strip()
+        if tuple(int(x) for x in ver.split(".")) >= min_python:
+            answer = (python, f"python {ver}")
+            break
+    _python_cache[key] = answer
+    return answer
+
+
+def measure_in_child(
+    python: str,
+    where: Backend,
+    names: Sequence[str],
+    n_items: Mapping[str, int],
+    workers: int,
+    warmup_items: int,
+    timeout: float,
+) -> dict[str, Any]:
+    """Time the named contenders once each in a fresh ``python`` process.
+
+    Each is warmed up first (a new process has paid for nothing yet). Returns
+    the child's answer: ``{"python": ..., "source": ..., "results": {name:
+    {"seconds": s} | {"error": message}}}``; see ``benchmarks/_child.py``.
+    """
+    spec = {
+        "backend": where.name,
+        "names": list(names),
+        "items": dict(n_items),
+        "workers": workers,
+        "warmup_items": warmup_items,
+        "timeout": timeout,
+    }
+    try:
+        done = subprocess.run(
+            [python, "-m", "benchmarks._child", json.dumps(spec)],
+            cwd=REPO_ROOT, env=_child_env(), capture_output=True, text=True,
+            check=False,  # a failed child becomes an error row, not an exception
+            timeout=timeout * 2 * len(names) + 60,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        error = f"child process timed out ({python})"
+        return {"results": {name: {"error": error} for name in names}}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        error = f"child process failed ({python}): {tail}"
+        return {"results": {name: {"error": error} for name in names}}
+    answer: dict[str, Any] = json.loads(lines[-1])
+    return answer
+
+
 # -- timing -------------------------------------------------------------------------
 
 
-async def _timed(fn: Workload, n_items: int, workers: int) -> float:
+async def _timed(
+    fn: Workload, n_items: int, workers: int, timeout: float | None
+) -> float:
     # Timed inside the event loop, so loop creation and teardown are not counted.
     start = time.perf_counter()
-    await fn(n_items, workers)
+    # A hung contender (a peer library's deadlock) fails its row instead of
+    # stalling the whole run; fail_after costs nothing per item.
+    with anyio.fail_after(timeout):
+        await fn(n_items, workers)
     return time.perf_counter() - start
 
 
-def measure(where: Backend, fn: Workload, n_items: int, workers: int) -> float:
-    """Run ``fn`` once in a fresh event loop; return its wall time in seconds."""
+def measure(
+    where: Backend,
+    fn: Workload,
+    n_items: int,
+    workers: int,
+    *,
+    timeout: float | None = None,
+) -> float:
+    """Run ``fn`` once in a fresh event loop; return its wall time in seconds.
+
+    ``timeout`` (seconds) raises ``TimeoutError`` from a run that takes longer.
+    """
     # Start every sample from the same heap state, so one contender's garbage is
     # not collected on the next one's clock.
     gc.collect()
@@ -77,6 +241,7 @@ def measure(where: Backend, fn: Workload, n_items: int, workers: int) -> float:
         fn,
         n_items,
         workers,
+        timeout,
         backend=where.anyio_backend,
         backend_options=dict(where.options),
     )
@@ -131,15 +296,18 @@ class Result:
 
 
 def set_ratios(results: Iterable[Result], reference: str) -> None:
-    """Set each result's ratio to the reference contender's median time, within
-    the same backend and worker count."""
+    """Set each result's ratio to the reference contender's median time per item,
+    within the same backend and worker count (per item: slow peer libraries run
+    fewer items than the rest)."""
     results = list(results)
     medians = {
-        (r.backend, r.workers): r.median_s for r in results if r.contender == reference
+        (r.backend, r.workers): r.us_per_item
+        for r in results
+        if r.contender == reference
     }
     for r in results:
         ref = medians.get((r.backend, r.workers))
-        r.ratio = r.median_s / ref if ref else None
+        r.ratio = r.us_per_item / ref if ref else None
 
 
 # -- reporting ----------------------------------------------------------------------
@@ -163,8 +331,9 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers depend on, recorded next to them."""
+def machine_info(extra: Sequence[str] = ()) -> dict[str, Any]:
+    """What the numbers depend on, recorded next to them; ``extra`` names more
+    distributions whose versions matter (peer libraries)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
         "cpu_count": os.cpu_count(),
@@ -175,7 +344,7 @@ def machine_info() -> dict[str, Any]:
         "flowrhythm_source": source_info(),
         "versions": {
             dist: _version_of(dist)
-            for dist in ("flowrhythm", "anyio", "trio", "uvloop")
+            for dist in ("flowrhythm", "anyio", "trio", "uvloop", *extra)
         },
     }
 

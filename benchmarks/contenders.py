@@ -24,7 +24,13 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.lowlevel import checkpoint
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from flowrhythm import FixedScaling, Flow
+from flowrhythm import (
+    FixedScaling,
+    Flow,
+    ScalingStrategy,
+    StageStats,
+    UtilizationScaling,
+)
 
 #: the capacity of every stage's input buffer, in every contender (flowrhythm's
 #: default, passed explicitly so a change of default cannot skew the comparison)
@@ -97,24 +103,74 @@ class Tally:
 
 
 async def run_flowrhythm(n_items: int, workers: int) -> None:
+    await _run_flow(n_items, lambda: FixedScaling(workers=workers), "flowrhythm")
+
+
+async def run_flowrhythm_utilization(n_items: int, workers: int) -> None:
+    """The same flow with the scaling controller active on every stage.
+
+    ``UtilizationScaling(min_workers=workers, max_workers=workers + 3)`` with
+    default sampling (every 50 enqueues and dequeues, every 2 s): each pool starts
+    at ``workers``, like ``FixedScaling(workers)``, but can grow and shrink, so the
+    hot path pays for the sampling gates, the idle-worker cancel scopes that
+    retirement needs, and every decision. At 1 worker this is (1, 4).
+    """
+    await _run_flow(
+        n_items,
+        lambda: UtilizationScaling(min_workers=workers, max_workers=workers + 3),
+        "flowrhythm-utilization",
+    )
+
+
+class _DecideOnly(UtilizationScaling):
+    """Consulted exactly like ``UtilizationScaling``, but every decision is
+    discarded: the pool keeps its initial size."""
+
+    def on_enqueue(self, stats: StageStats) -> int:
+        super().on_enqueue(stats)
+        return 0
+
+    def on_dequeue(self, stats: StageStats) -> int:
+        super().on_dequeue(stats)
+        return 0
+
+    def on_tick(self, stats: StageStats) -> int:
+        super().on_tick(stats)
+        return 0
+
+
+async def run_flowrhythm_sampling(n_items: int, workers: int) -> None:
+    """``flowrhythm-utilization`` minus the scaling: the controller's own cost.
+
+    On this CPU-bound workload ``UtilizationScaling`` finds every stage busy with a
+    queue and grows it, and more workers only add task switches on one event
+    loop; this contender samples and decides the same way but never scales, so
+    the difference to ``flowrhythm`` is the sampling alone.
+    """
+    await _run_flow(
+        n_items,
+        lambda: _DecideOnly(min_workers=workers, max_workers=workers + 3),
+        "flowrhythm-sampling",
+    )
+
+
+async def _run_flow(
+    n_items: int, strategy: Callable[[], ScalingStrategy], contender: str
+) -> None:
     tally = Tally()
     flow = Flow(buffer_size=BUFFER_SIZE)
 
     # The same generator the other contenders iterate, created when the run starts.
     flow.set_producer(lambda: produce(n_items))
     for fn in STAGES:
-        flow.add_transformer(
-            fn, name=fn.__name__, scaling_strategy=FixedScaling(workers=workers)
-        )
-    flow.set_consumer(
-        tally.consume, name="consume", scaling_strategy=FixedScaling(workers=workers)
-    )
+        flow.add_transformer(fn, name=fn.__name__, scaling_strategy=strategy())
+    flow.set_consumer(tally.consume, name="consume", scaling_strategy=strategy())
     await flow.run()
-    tally.verify(n_items, "flowrhythm")
+    tally.verify(n_items, contender)
     # The tally catches lost items; the stats must agree with it.
     for name, stats in flow.stats().items():
         if stats.processed != n_items or stats.errors or stats.dropped:
-            raise BenchmarkError(f"flowrhythm: stage {name!r} stats are off: {stats}")
+            raise BenchmarkError(f"{contender}: stage {name!r} stats are off: {stats}")
 
 
 # -- 2. anyio-naive: the obvious way to use memory object streams -------------------
