@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TYPE_CHECKING
 
 import anyio
 
 from ._errors import add_note
+
+logger = logging.getLogger("flowrhythm")
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -114,12 +117,21 @@ class Controller:
             stage.deferred += wanted - min(wanted, room)
             if started or stage.deferred:
                 counters.last_scale_up_at = now
+                logger.debug(
+                    "stage %r: %d -> %d workers", stage.plan.name, active, target
+                )
         elif target < active:
             surplus = active - target
             cancelled = min(surplus, stage.deferred)
             stage.deferred -= cancelled
             if stage.retire_idle(surplus - cancelled) or cancelled:
                 counters.last_scale_down_at = now
+                logger.debug(
+                    "stage %r: %d -> %d workers",
+                    stage.plan.name,
+                    active,
+                    stage.active_workers,
+                )
             if stage.active_workers == 0:
                 self._arm_from_zero()
 

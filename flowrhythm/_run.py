@@ -70,8 +70,15 @@ class Run:
 
     # -- control, callable from any task -------------------------------------------
 
+    def _outcome(self) -> str:
+        if self.fatal is not None:
+            return f"failed: {self.fatal!r}"
+        return "aborted" if self.abort_requested else "drained"
+
     def request_drain(self) -> None:
         """Stop the producer; let everything already inside the flow finish."""
+        if not self.drain_requested:
+            logger.debug("flow drain requested")
         self.drain_requested = True
         # Interrupt the producer only while it waits on its source or a checkpoint:
         # an item it is handing over is inside the flow and gets delivered, and a
@@ -85,6 +92,8 @@ class Run:
 
     def abort(self) -> None:
         """Cancel every task of the run at once."""
+        if not self.abort_requested:
+            logger.debug("flow abort requested")
         self.abort_requested = True
         self.drain_requested = True
         self.cancelling()
@@ -143,6 +152,7 @@ class Run:
             for counters in self.counters:
                 counters.settle()
             self.state = "finished"
+            logger.debug("flow finished (%s)", self._outcome())
             self.finished.set()
             current_run.reset(token)
         if self.fatal is not None:
@@ -221,6 +231,13 @@ class Run:
                     await self._ready.wait()
                 tg.start_soon(self._produce, first_send, stages[0], name="producer")
                 self.started = True
+                logger.debug(
+                    "flow started: %s",
+                    ", ".join(
+                        f"{stage.plan.name} x{initial}"
+                        for stage, initial in zip(stages, initials, strict=True)
+                    ),
+                )
                 task_status.started()
         finally:
             # Stages and the producer close their own ends; a run that failed
