@@ -262,8 +262,9 @@ class _Display:
                         await run.finished.wait()
                 self._pause = None
                 view.sample()
+                if self._stopping or view.finished:
+                    break  # leaving Live draws the last frame
                 display.refresh()
-            # Leaving Live draws the last frame once more, for non-terminals.
 
 
 def _sampled_at(stats: Mapping[str, StageStats]) -> float | None:
