@@ -108,7 +108,8 @@ class Run:
 
     def abort_after(self, seconds: float) -> None:
         """Abort unless the run has finished within ``seconds`` (from inside)."""
-        assert self._task_group is not None
+        if self._task_group is None:
+            return  # the stages have not started: the drain ends the run at once
         self._task_group.start_soon(self._abort_after, seconds, name="drain timeout")
 
     async def _abort_after(self, seconds: float) -> None:
@@ -126,7 +127,8 @@ class Run:
                 add_note(exc, note)
             self.fatal = exc
         elif exc is not self.fatal:
-            add_note(self.fatal, f"also {note} while the flow was stopping: {exc!r}")
+            also = f"also {note}" if note else "also raised"
+            add_note(self.fatal, f"{also} while the flow was stopping: {exc!r}")
             logger.error("flow error while stopping after a failure", exc_info=exc)
         self.abort()
 

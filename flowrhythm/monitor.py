@@ -247,13 +247,16 @@ class _Display:
         if self._pause is not None:
             self._pause.cancel()
 
+    def _done(self) -> bool:
+        return self._stopping or self.view.finished
+
     async def run(self) -> None:
         from rich.live import Live
 
         view = self.view
         view.sample()
         with Live(view, console=self.console, auto_refresh=False) as display:
-            while not (self._stopping or view.finished):
+            while not self._done():
                 with anyio.move_on_after(self.period) as self._pause:
                     run = view.flow._run
                     if run is None:
@@ -262,7 +265,7 @@ class _Display:
                         await run.finished.wait()
                 self._pause = None
                 view.sample()
-                if self._stopping or view.finished:
+                if self._done():
                     break  # leaving Live draws the last frame
                 display.refresh()
 
