@@ -40,6 +40,8 @@ class Controller:
         self.max_workers = strategy.max_workers
         self.can_shrink = self.min_workers < self.max_workers
         fixed = not self.can_shrink
+        #: whether this stage's gates can ever open (a fixed pool's never do)
+        self.gated = not fixed
         self.events = 0 if fixed else int(getattr(strategy, "sampling_events", 1))
         self.period = 0.0 if fixed else float(getattr(strategy, "sampling_period", 0.0))
         counters = stage.counters

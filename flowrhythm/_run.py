@@ -341,6 +341,10 @@ def _initial_workers(strategy: ScalingPolicy, role: str) -> int:
             f"got {count!r}"
         )
     low, high = strategy.min_workers, strategy.max_workers
+    if high < 1:
+        raise ValueError(
+            f"the scaling strategy of {role}: max_workers must be >= 1, got {high!r}"
+        )
     if not 0 <= low <= count <= high:
         raise ValueError(
             f"the scaling strategy of {role}: initial_workers() returned {count}, "

@@ -226,6 +226,9 @@ class Stage:
         send_nowait = self.outbox.send_nowait
         downstream = self.next.counters
         next_controller = self.next.controller
+        # Fixed pools never open a gate: a local flag skips both comparisons.
+        sampled = controller.gated
+        next_sampled = next_controller.gated
         budget = CHECKPOINT_EVERY
 
         # This worker was counted idle when spawned; it is idle until it has an item.
@@ -235,7 +238,7 @@ class Stage:
             return
         while True:
             counters.taken += 1
-            if counters.taken >= counters.dequeue_gate:
+            if sampled and counters.taken >= counters.dequeue_gate:
                 controller.on_dequeue_gate()
             try:
                 result = await fn(item)
@@ -243,7 +246,7 @@ class Stage:
                 await on_error(self, item, exc)
             else:
                 downstream.offered += 1
-                if downstream.offered >= downstream.enqueue_gate:
+                if next_sampled and downstream.offered >= downstream.enqueue_gate:
                     next_controller.on_enqueue_gate()
                 try:
                     send_nowait(result)
@@ -276,6 +279,7 @@ class Stage:
         controller = self.controller
         receive_nowait = self.inbox.receive_nowait
         on_error = self.run.route_error
+        sampled = controller.gated
         budget = CHECKPOINT_EVERY
 
         item = await self._receive_blocking()
@@ -284,7 +288,7 @@ class Stage:
             return
         while True:
             counters.taken += 1
-            if counters.taken >= counters.dequeue_gate:
+            if sampled and counters.taken >= counters.dequeue_gate:
                 controller.on_dequeue_gate()
             try:
                 await fn(item)

@@ -58,3 +58,23 @@ async def test_blocked_sends_count_back_pressure(anyio_backend: Any) -> None:
         assert stats.blocked_sends >= 1
         release.set()
     assert flow.stats()["slow"].processed == 10
+
+
+async def test_a_strategy_that_allows_no_worker_is_rejected(anyio_backend: Any) -> None:
+    from flowrhythm import ScalingStrategy
+
+    class Nothing(ScalingStrategy):
+        min_workers = 0
+        max_workers = 0
+
+    async def produce() -> Any:
+        yield 1
+
+    async def sink(item: int) -> None:
+        pass
+
+    flow = Flow()
+    flow.set_producer(produce)
+    flow.set_consumer(sink, scaling_strategy=Nothing())
+    with pytest.raises(ValueError, match="consumer 'sink': max_workers must be >= 1"):
+        await flow.run()
