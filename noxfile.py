@@ -133,3 +133,13 @@ def stress(session: nox.Session) -> None:
         *session.posargs,
         env={"FLOWRHYTHM_HYPOTHESIS": "stress"},
     )
+
+
+@nox.session(python=PYTHONS[-1:])
+def soak(session: nox.Session) -> None:
+    """Random flows with random faults for 60 s per backend, invariants checked."""
+    session.install(".[bench]")
+    session.run(
+        "python", "-m", "benchmarks.soak", "--seconds", "60", "--backend", "all",
+        *session.posargs,
+    )  # fmt: skip

@@ -446,11 +446,14 @@ async def one_run(
         # A cancel that lands in the flow's last, shielded cleanup may find nothing
         # left to cut: the flow then completes normally (checked below: nothing
         # may be dropped). Otherwise the cancellation must come out.
-        out.fault_fired = outer.cancelled_caught
-        if caught is not None or outer.cancelled_caught == completed:
+        # (It may also land after the flow has completed, as the call-off of the
+        # canceller races with its wake-up: then it cut nothing either.)
+        out.fault_fired = outer.cancelled_caught and not completed
+        if caught is not None or not (outer.cancelled_caught or completed):
+            raised = "nothing" if caught is None else _format(caught)
             v.append(
                 f"cancelled from outside: cancelled_caught={outer.cancelled_caught}, "
-                f"completed={completed}, raised {caught!r}"
+                f"completed={completed}, raised {raised}"
             )
     elif expected is not None:
         out.fault_fired = True
@@ -524,9 +527,7 @@ async def one_run(
         v.append(f"context managers: entered {ledger.enters}, exited {ledger.exits}")
     if ledger.producer_started and not ledger.producer_closed:
         v.append("the producer was not closed")
-    left = [
-        info.name for info in anyio.get_running_tasks() if info.id not in baseline
-    ]
+    left = [info.name for info in anyio.get_running_tasks() if info.id not in baseline]
     if left:
         v.append(f"tasks still running: {left}")
 

@@ -29,6 +29,7 @@ class StageCallable:
     role: str  # "transformer 'name'", "consumer 'name'", "error handler"
     fn: Callable[..., Awaitable[Any]] | None
     factory: Factory | None
+    arity: int = 1
 
     async def enter(self, cm: Any) -> Callable[..., Awaitable[Any]]:
         """Enter one context manager made by :attr:`factory`; return its callable."""
@@ -38,11 +39,16 @@ class StageCallable:
                 f"got {cm!r}"
             )
         fn = await cm.__aenter__()
-        if not callable(fn) or _is_sync_function(fn):
+        if (
+            not callable(fn)
+            or _is_sync_function(fn)
+            or not _signature_accepts(fn, self.arity)
+        ):
             await cm.__aexit__(None, None, None)
+            args = "one argument" if self.arity == 1 else "two arguments"
             raise TypeError(
-                f"{self.role}: the context manager must yield an async function, "
-                f"got {fn!r}"
+                f"{self.role}: the context manager must yield an async function "
+                f"taking {args}, got {fn!r}"
             )
         return fn  # type: ignore[no-any-return]
 
@@ -81,11 +87,11 @@ def stage_callable(obj: object, role: str, *, arity: int) -> StageCallable:
         )
     if _is_async_function(obj):
         _check_arity(obj, arity, role, expected)
-        return StageCallable(role, obj, None)
+        return StageCallable(role, obj, None, arity)
     if _is_async_cm_factory(obj) or (_accepts(obj, 0) and not _accepts(obj, arity)):
         # A zero-argument callable: an async CM factory, checked when entered. One
         # that would also take the item (like print) is more likely a sync stage.
-        return StageCallable(role, None, obj)
+        return StageCallable(role, None, obj, arity)
     if inspect.isgeneratorfunction(obj) or _is_sync_function(obj):
         raise TypeError(
             f"{role} must be {expected}, got the synchronous function {obj!r}; "
@@ -95,7 +101,7 @@ def stage_callable(obj: object, role: str, *, arity: int) -> StageCallable:
     _check_arity(obj, arity, role, expected)
     # Some other callable (e.g. an object with an async __call__ that inspect cannot
     # see through); its results are awaited, so a wrong one fails on first use.
-    return StageCallable(role, obj, None)
+    return StageCallable(role, obj, None, arity)
 
 
 def producer_source(
@@ -227,3 +233,11 @@ def _check_arity(obj: Callable[..., Any], arity: int, role: str, expected: str) 
     if not _accepts(obj, arity):
         args = "one argument (the item)" if arity == 1 else "two arguments (item, exc)"
         raise TypeError(f"{role} must be {expected} taking {args}, got {obj!r}")
+
+
+def _signature_accepts(obj: Callable[..., Any], count: int) -> bool:
+    try:
+        inspect.signature(obj)
+    except (TypeError, ValueError):
+        return True  # nothing to check
+    return _accepts(obj, count)

@@ -43,7 +43,10 @@ class Cleanups:
             scope.deadline = min(scope.deadline, self._deadline)
 
     async def run(self, fn: Callable[[], Awaitable[Any]]) -> None:
-        with anyio.CancelScope(shield=True, deadline=self._deadline) as scope:
+        deadline = self._deadline
+        if deadline != math.inf:
+            deadline = max(deadline, anyio.current_time() + CLEANUP_TIMEOUT)
+        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
             self._scopes.add(scope)
             try:
                 await fn()

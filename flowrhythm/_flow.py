@@ -245,7 +245,7 @@ class Flow:
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
                 raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-            if timeout < 0:
+            if not timeout >= 0:  # also NaN
                 raise ValueError(f"timeout must be >= 0, got {timeout!r}")
         run = self._require_run("stop")
         if run.state == "finished":

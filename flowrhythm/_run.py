@@ -20,7 +20,7 @@ from ._errors import add_note, spurious_cancellation
 from ._plan import Plan
 from ._stage import CHECKPOINT_EVERY, Stage
 from ._stats import StageCounters
-from .scaling import ScalingPolicy
+from .scaling import ScalingPolicy, ScalingStrategy, _check_policy
 
 logger = logging.getLogger("flowrhythm")
 
@@ -145,6 +145,10 @@ class Run:
         try:
             with self._scope:
                 await self._run_with_error_handler(task_status)
+            if not self.started and self.fatal is None:
+                # Aborted while starting: the caller of start() gets control back;
+                # the flow is already over.
+                task_status.started()
         except anyio.get_cancelled_exc_class():
             # Cancelled from outside: a fatal error seen while stopping still wins.
             if self.fatal is None:
@@ -173,31 +177,47 @@ class Run:
         try:
             cm = handler.factory()
             self._error_fn = await handler.enter(cm)
-        except anyio.get_cancelled_exc_class():
-            raise
+        except anyio.get_cancelled_exc_class() as exc:
+            if in_cancelled_scope():
+                raise
+            self.fail(spurious_cancellation(exc, "the error handler's context"), "")
+            return
         except BaseException as exc:
             self.fail(exc, "raised while entering the error handler's context")
             return
         try:
             await self._run_stages(task_status)
         except BaseException as exc:
-            await self.cleanups.exit(cm, exc)
+            await self._exit_error_handler(cm, exc)
             raise
+        await self._exit_error_handler(cm, None)
+
+    async def _exit_error_handler(self, cm: Any, exc: BaseException | None) -> None:
         try:
-            await self.cleanups.exit(cm, None)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except BaseException as exc:
-            self.fail(exc, "raised while exiting the error handler's context")
+            await self.cleanups.exit(cm, exc)
+        except anyio.get_cancelled_exc_class() as exit_exc:
+            if exit_exc is exc or in_cancelled_scope():
+                raise
+            self.fail(
+                spurious_cancellation(exit_exc, "the error handler's context"), ""
+            )
+        except BaseException as exit_exc:
+            if exit_exc is exc:
+                return
+            self.fail(exit_exc, "raised while exiting the error handler's context")
 
     async def _run_stages(self, task_status: TaskStatus[None]) -> None:
         plan = self.plan
         # Ask every strategy first: a bad one fails the run before any stream exists.
-        strategies = [plan.scaling_for(stage_plan) for stage_plan in plan.stages]
-        initials = [
-            _initial_workers(strategy, stage_plan.call.role)
-            for strategy, stage_plan in zip(strategies, plan.stages, strict=True)
-        ]
+        try:
+            strategies = [plan.scaling_for(stage_plan) for stage_plan in plan.stages]
+            initials = [
+                _initial_workers(strategy, stage_plan.call.role)
+                for strategy, stage_plan in zip(strategies, plan.stages, strict=True)
+            ]
+        except Exception as exc:
+            self.fail(exc, "raised while preparing the scaling strategies")
+            return
         first_send, inbox = anyio.create_memory_object_stream[Any](
             plan.buffer_for(plan.stages[0])
         )
@@ -285,6 +305,12 @@ class Run:
             if in_cancelled_scope():
                 raise
             self.fail(spurious_cancellation(exc, "the producer"), "")
+        except anyio.BrokenResourceError as exc:
+            # Stage one closed its input: only a cancellation of the run does that
+            # while the producer still runs (a shielded source, or scheduling).
+            # The item counts as dropped; the cancellation is the outcome.
+            if not in_cancelled_scope():
+                self.fail(exc, "raised by the producer")
         except BaseException as exc:
             self.fail(exc, "raised by the producer")
         finally:
@@ -334,6 +360,12 @@ def _has_our_note(exc: BaseException) -> bool:
 
 
 def _initial_workers(strategy: ScalingPolicy, role: str) -> int:
+    if not isinstance(strategy, ScalingStrategy):
+        raise TypeError(
+            f"the scaling strategy of {role}: for_stage() must return a "
+            f"ScalingStrategy, got {strategy!r}"
+        )
+    _check_policy(strategy, f"the scaling strategy of {role}")
     count = strategy.initial_workers()
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(
@@ -341,10 +373,6 @@ def _initial_workers(strategy: ScalingPolicy, role: str) -> int:
             f"got {count!r}"
         )
     low, high = strategy.min_workers, strategy.max_workers
-    if high < 1:
-        raise ValueError(
-            f"the scaling strategy of {role}: max_workers must be >= 1, got {high!r}"
-        )
     if not 0 <= low <= count <= high:
         raise ValueError(
             f"the scaling strategy of {role}: initial_workers() returned {count}, "

@@ -195,6 +195,12 @@ class Stage:
             if in_cancelled_scope():
                 raise
             self.run.fail(spurious_cancellation(exc, call.role), "")
+        except anyio.BrokenResourceError as exc:
+            # The next stage closed its input: the run is being cancelled (this
+            # worker got there late, e.g. out of a shielded section). The item
+            # counts as dropped there.
+            if not in_cancelled_scope():
+                self.run.fail(exc, f"raised in {call.role}")
         except BaseException as exc:
             self.run.fail(exc, f"raised in {call.role}")
         finally:

@@ -297,3 +297,19 @@ def _check_real(name: str, value: object, *, minimum: float | None = None) -> No
         raise ValueError(f"{name} must be finite, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_policy(strategy: ScalingStrategy, what: str) -> None:
+    """Validate the attributes the runtime reads from a (custom) strategy."""
+    try:
+        _check_int("min_workers", strategy.min_workers, minimum=0)
+        _check_int("max_workers", strategy.max_workers, minimum=1)
+        _check_int("sampling_events", strategy.sampling_events, minimum=0)
+        _check_real("sampling_period", strategy.sampling_period, minimum=0.0)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{what}: {exc}") from None
+    if strategy.min_workers > strategy.max_workers:
+        raise ValueError(
+            f"{what}: min_workers ({strategy.min_workers}) must not exceed "
+            f"max_workers ({strategy.max_workers})"
+        )
