@@ -8,6 +8,7 @@ fixtures do not mix, so the tests are sync and parametrized over the backends.
 
 from __future__ import annotations
 
+import random
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -23,7 +24,13 @@ from anyio.lowlevel import checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowrhythm import FixedScaling, Flow
+from flowrhythm import (
+    FixedScaling,
+    Flow,
+    ScalingStrategy,
+    StageStats,
+    UtilizationScaling,
+)
 
 BACKENDS: list[Any] = [
     pytest.param(("asyncio", {}), id="asyncio"),
@@ -50,6 +57,45 @@ class StageSpec:
     buffer_size: int
     failing: frozenset[int]
     with_cm: bool
+    #: "fixed", "utilization" (may scale to zero) or "churn" (random deltas)
+    strategy: str = "fixed"
+    #: items that make the stage wait a little (a real timer, not a checkpoint)
+    sleepy: bool = False
+    seed: int = 0
+
+
+class Churn(ScalingStrategy):
+    """Adds and retires workers at random on every event."""
+
+    sampling_events = 1
+    sampling_period = 0.005
+
+    def __init__(self, max_workers: int, seed: int) -> None:
+        self.min_workers = 0
+        self.max_workers = max_workers
+        self.rng = random.Random(seed)
+
+    def initial_workers(self) -> int:
+        return self.rng.randint(0, self.max_workers)
+
+    def on_enqueue(self, stats: StageStats) -> int:
+        return self.rng.randint(-2, 2)
+
+    on_dequeue = on_tick = on_enqueue
+
+
+def strategy_for(spec: StageSpec) -> ScalingStrategy:
+    if spec.strategy == "utilization":
+        return UtilizationScaling(
+            min_workers=0,
+            max_workers=spec.workers + 1,
+            cooldown_seconds=0,
+            sampling_events=1,
+            sampling_period=0.005,
+        )
+    if spec.strategy == "churn":
+        return Churn(spec.workers + 1, spec.seed)
+    return FixedScaling(spec.workers)
 
 
 @dataclass(frozen=True)
@@ -67,11 +113,14 @@ stage_specs = st.builds(
     buffer_size=st.integers(0, 3),
     failing=st.frozensets(st.integers(0, 59), max_size=6),
     with_cm=st.booleans(),
+    strategy=st.sampled_from(["fixed", "utilization", "churn"]),
+    sleepy=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
 scenarios = st.builds(
     Scenario,
     items=st.integers(0, 60),
-    stages=st.lists(stage_specs, min_size=1, max_size=4).map(tuple),
+    stages=st.lists(stage_specs, min_size=1, max_size=5).map(tuple),
     cut=st.one_of(
         st.none(),
         st.tuples(
@@ -118,6 +167,8 @@ async def run_scenario(scenario: Scenario) -> None:
         async def call(x: int) -> int:
             if x % 5 == 0:
                 await checkpoint()
+            if spec.sleepy and x % 7 == 0:
+                await anyio.sleep(0.001)
             if x in spec.failing:
                 raise Boom(name, x)
             if is_consumer:
@@ -169,7 +220,7 @@ async def run_scenario(scenario: Scenario) -> None:
         configure(
             make_call(names[index], spec, is_consumer),
             name=names[index],
-            scaling_strategy=FixedScaling(spec.workers),
+            scaling_strategy=strategy_for(spec),
             buffer_size=spec.buffer_size,
         )
     flow.set_error_handler(handler_factory if scenario.handler_cm else handler)
@@ -217,12 +268,14 @@ async def run_scenario(scenario: Scenario) -> None:
         assert sorted(finished) == produced
         if how == "none":
             assert produced == list(range(scenario.items))
-        if all(spec.workers == 1 for spec in scenario.stages):
+        if all(
+            spec.strategy == "fixed" and spec.workers == 1 for spec in scenario.stages
+        ):
             assert consumed == sorted(consumed)
     # every context manager that entered has exited
     assert enters == exits, (enters, exits)
     for name, spec in zip(names, scenario.stages, strict=True):
-        if spec.with_cm and not cut_happened:
+        if spec.with_cm and spec.strategy == "fixed" and not cut_happened:
             assert enters[name] == spec.workers
     if scenario.handler_cm:
         assert handler_log == ["enter", "exit"]
