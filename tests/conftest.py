@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,3 +31,15 @@ if sys.platform == "win32":  # uvloop does not exist there
 @pytest.fixture(params=_BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_resources() -> Iterator[None]:
+    """Collect garbage after each test so an unclosed stream is blamed on the test
+    that leaked it, with a readable message."""
+    yield
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, f"the flow leaked resources: {leaks}"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import gc
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,19 +11,6 @@ import anyio
 import pytest
 
 from flowrhythm import FixedScaling, Flow, ScalingStrategy, UtilizationScaling
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_resources() -> Iterator[None]:
-    """Collect garbage after each test so an unclosed stream is blamed on the test
-    that leaked it, with a readable message."""
-    yield
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gc.collect()
-    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
-    assert not leaks, f"the flow leaked resources: {leaks}"
-
 
 # -- well-formed pieces -------------------------------------------------------------
 

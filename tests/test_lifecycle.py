@@ -4,10 +4,8 @@ from inside), and what is refused: starting twice, stopping what never started."
 from __future__ import annotations
 
 import asyncio
-import gc
-import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from itertools import pairwise
 from typing import Any
@@ -22,18 +20,6 @@ pytestmark = pytest.mark.anyio
 
 #: a deadlock guard only: no test depends on how long anything takes
 GUARD = 10
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_resources() -> Iterator[None]:
-    """Collect garbage after each test so an unclosed stream is blamed on the test
-    that leaked it, with a readable message."""
-    yield
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gc.collect()
-    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
-    assert not leaks, f"the flow leaked resources: {leaks}"
 
 
 # -- probe: what the flow did, seen from the user's callables ------------------------

@@ -5,10 +5,8 @@ the test asserts the message.
 
 from __future__ import annotations
 
-import gc
 import math
-import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,17 +14,6 @@ import anyio
 import pytest
 
 from flowrhythm import Flow, ScalingStrategy, StageStats
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_resources() -> Iterator[None]:
-    yield
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gc.collect()
-    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
-    assert not leaks, f"the flow leaked resources: {leaks}"
-
 
 # -- well-formed pieces -------------------------------------------------------------
 
