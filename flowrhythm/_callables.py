@@ -16,8 +16,6 @@ from typing import Any
 
 from ._cleanup import Cleanups
 
-ItemFn = Callable[[Any], Awaitable[Any]]
-ErrorFn = Callable[[Any, BaseException], Awaitable[Any]]
 Factory = Callable[[], Any]
 
 
@@ -226,18 +224,16 @@ def _accepts(obj: Callable[..., Any], count: int) -> bool:
 
 
 def _check_arity(obj: Callable[..., Any], arity: int, role: str, expected: str) -> None:
-    try:
-        inspect.signature(obj)
-    except (TypeError, ValueError):
-        return  # builtins and C callables: nothing to check
-    if not _accepts(obj, arity):
+    if not _signature_accepts(obj, arity):
         args = "one argument (the item)" if arity == 1 else "two arguments (item, exc)"
         raise TypeError(f"{role} must be {expected} taking {args}, got {obj!r}")
 
 
 def _signature_accepts(obj: Callable[..., Any], count: int) -> bool:
+    """Like ``_accepts``, but a callable without a signature (builtins, C code)
+    passes: there is nothing to check."""
     try:
         inspect.signature(obj)
     except (TypeError, ValueError):
-        return True  # nothing to check
+        return True
     return _accepts(obj, count)

@@ -60,7 +60,6 @@ class Run:
         self.cleanups = Cleanups()
         self._producer_scope: anyio.CancelScope | None = None
         self._producer_sending = False
-        self._producer_task: int | None = None
         self._handoff_scope: anyio.CancelScope | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._last_stage_done: anyio.Event | None = None
@@ -80,14 +79,11 @@ class Run:
         if not self.drain_requested:
             logger.debug("flow drain requested")
         self.drain_requested = True
-        # Interrupt the producer only while it waits on its source or a checkpoint:
-        # an item it is handing over is inside the flow and gets delivered, and a
-        # producer that asked for the drain itself simply stops after this item.
-        if (
-            self._producer_scope is not None
-            and not self._producer_sending
-            and anyio.get_current_task().id != self._producer_task
-        ):
+        # Interrupt the producer while it waits on its source or a checkpoint. An
+        # item it is already handing over is inside the flow and gets delivered; so
+        # does one its source yields before the cancellation lands (the producer
+        # itself may have asked for the drain): _hand_over shields it.
+        if self._producer_scope is not None and not self._producer_sending:
             self._producer_scope.cancel()
 
     def abort(self) -> None:
@@ -273,7 +269,6 @@ class Run:
         controller = first.controller
         clock = self.clock
         send_nowait = send.send_nowait
-        self._producer_task = anyio.get_current_task().id
         try:
             with anyio.CancelScope() as self._producer_scope:
                 if self.drain_requested:
