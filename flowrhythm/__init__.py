@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ._flow import Flow as Flow
+from ._operators import RateLimit as RateLimit
+from ._operators import Retry as Retry
 from ._stats import StageStats as StageStats
 from ._types import Consumer as Consumer
 from ._types import ErrorHandler as ErrorHandler
@@ -21,6 +23,8 @@ __all__ = (
     "FixedScaling",
     "Flow",
     "Producer",
+    "RateLimit",
+    "Retry",
     "ScalingPolicy",
     "ScalingStrategy",
     "StageStats",

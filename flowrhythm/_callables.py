@@ -37,6 +37,13 @@ class StageCallable:
                 f"got {cm!r}"
             )
         fn = await cm.__aenter__()
+        if inspect.isasyncgenfunction(fn):
+            await cm.__aexit__(None, None, None)
+            raise TypeError(
+                f"{self.role}: the context manager yielded the async generator "
+                f"function {fn!r}; a fan-out stage is passed to add_transformer() "
+                "directly (keep per-worker state in the generator)"
+            )
         if (
             not callable(fn)
             or _is_sync_function(fn)
@@ -51,6 +58,13 @@ class StageCallable:
         return fn  # type: ignore[no-any-return]
 
 
+def is_fan_out(obj: object) -> bool:
+    """Whether ``obj`` is an async generator function (a fan-out stage)."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    return inspect.isasyncgenfunction(obj)
+
+
 def callable_name(obj: object) -> str | None:
     """Return a readable default stage name for ``obj``, if it has one."""
     while isinstance(obj, functools.partial):
@@ -61,11 +75,14 @@ def callable_name(obj: object) -> str | None:
     return type(obj).__name__ if callable(obj) else None
 
 
-def stage_callable(obj: object, role: str, *, arity: int) -> StageCallable:
+def stage_callable(
+    obj: object, role: str, *, arity: int, fan_out: bool = False
+) -> StageCallable:
     """Classify a transformer, consumer or error handler.
 
     ``arity`` is the number of positional arguments the async function takes
-    (1 for items, 2 for ``(item, exc)``).
+    (1 for items, 2 for ``(item, exc)``). With ``fan_out``, an async generator
+    function is accepted too (call :func:`is_fan_out` first to tell).
     """
     what = "an async function" if arity == 1 else "an async function (item, exc)"
     expected = f"{what} or an async context manager factory"
@@ -78,10 +95,13 @@ def stage_callable(obj: object, role: str, *, arity: int) -> StageCallable:
     if not callable(obj):
         raise TypeError(f"{role} must be {expected}, got {obj!r}")
     if inspect.isasyncgenfunction(obj):
+        if fan_out:
+            _check_arity(obj, arity, role, "an async generator function")
+            return StageCallable(role, obj, None, arity)
         raise TypeError(
             f"{role} must be {expected}, got the async generator function {obj!r}; "
-            "fan-out stages are not supported yet, and a context manager factory "
-            "needs @contextlib.asynccontextmanager"
+            "only add_transformer() takes those (fan-out), and a context manager "
+            "factory needs @contextlib.asynccontextmanager"
         )
     if _is_async_function(obj):
         _check_arity(obj, arity, role, expected)

@@ -321,7 +321,8 @@ async def _show_live(
                 return super().heading()
             elapsed = now - pipeline.started_at
             parts = [f"t={elapsed:5.1f}s"]
-            if elapsed < duration:
+            # (uvloop's millisecond timers may end the run a hair before duration)
+            if elapsed < duration and flow.state != "finished":
                 parts.append(f"phase: {phase_at(elapsed)[0]:<5}")
             parts.append(super().heading())
             return "  ".join(parts)

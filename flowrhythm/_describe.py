@@ -9,6 +9,7 @@ from .scaling import ScalingStrategy
 
 if TYPE_CHECKING:
     from ._flow import Flow
+    from ._plan import StagePlan
 
 
 def describe(flow: Flow) -> str:
@@ -18,7 +19,8 @@ def describe(flow: Flow) -> str:
     its scaling strategy::
 
         producer     numbers
-        transformer  double   buffer 64  FixedScaling(workers=2)
+        transformer  double   buffer 64  FixedScaling(workers=2)  ordered
+        batch        batch    buffer 64  FixedScaling(workers=1)  max_size=10
         consumer     show     buffer 64  FixedScaling(workers=1)
         errors       on_error
     """
@@ -27,7 +29,14 @@ def describe(flow: Flow) -> str:
     for plan in flow._stage_plans():
         buffer = plan.buffer_size if plan.buffer_size is not None else flow._buffer_size
         strategy = plan.scaling if plan.scaling is not None else flow._default_scaling
-        rows.append((plan.kind, _text(plan.name), f"buffer {buffer}", repr(strategy)))
+        rows.append(
+            (
+                _kind(plan),
+                _text(plan.name),
+                f"buffer {buffer}",
+                "  ".join([repr(strategy), *_options(plan)]),
+            )
+        )
     if flow._consumer is None:
         rows.append(("consumer", "(not set)"))
     handler = _handler_name(flow)
@@ -62,7 +71,7 @@ def to_mermaid(flow: Flow) -> str:
         node = f"stage{number}"
         ids.append(node)
         strategy = plan.scaling if plan.scaling is not None else flow._default_scaling
-        label = _label(plan.name, _brief(strategy))
+        label = _label(plan.name, _brief(strategy), *_options(plan))
         if plan.kind == "consumer":
             lines.append(f'    {node}(["{label}"])')
         else:
@@ -78,6 +87,20 @@ def to_mermaid(flow: Flow) -> str:
         previous = node
     lines.extend(f"    {node} -.-> errors" for node in ids)
     return "\n".join(lines)
+
+
+def _kind(plan: StagePlan) -> str:
+    return "fan-out" if plan.fan_out else plan.kind
+
+
+def _options(plan: StagePlan) -> list[str]:
+    """``ordered``, ``timeout=2``, ``retry=Retry(...)``: the operator options set."""
+    options = []
+    for key, value in plan.options.items():
+        if key == "fan_out":
+            continue
+        options.append(key if value is True else f"{key}={value!r}")
+    return options
 
 
 def _producer_name(flow: Flow) -> str | None:

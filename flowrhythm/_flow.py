@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -10,9 +11,16 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from ._callables import callable_name, producer_source, stage_callable
+from ._callables import (
+    StageCallable,
+    callable_name,
+    is_fan_out,
+    producer_source,
+    stage_callable,
+)
 from ._describe import describe, to_mermaid
 from ._errors import add_note
+from ._operators import RateLimit, Retry
 from ._plan import Plan, Source, StagePlan
 from ._run import Run, current_run
 from ._stats import StageCounters, StageStats
@@ -96,22 +104,123 @@ class Flow:
         name: str | None = None,
         scaling_strategy: ScalingStrategy | None = None,
         buffer_size: int | None = None,
+        ordered: bool = False,
+        timeout: float | None = None,
+        retry: Retry | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
-        """Append a stage that maps each item to a new one.
+        """Append a stage that maps each item to a new one, or to 0..n new ones.
 
-        :param transformer: ``async def f(item) -> result``, or a zero-argument
-            factory of async context managers yielding such a function (entered
-            once per worker)
+        :param transformer: ``async def f(item) -> result``; an async generator
+            function ``async def f(item): yield ...`` (fan-out: every value it
+            yields is sent on); or a zero-argument factory of async context
+            managers yielding an async function (entered once per worker)
         :param name: the stage's name in stats (default: the callable's name)
         :param scaling_strategy: this stage's strategy (default: the flow's)
         :param buffer_size: capacity of this stage's input buffer (default: the
             flow's)
+        :param ordered: emit in input order, however many workers run
+        :param timeout: seconds one call may take; a slower call is cancelled and
+            fails with ``TimeoutError`` (for fan-out: each step of the generator)
+        :param retry: call again on failure, see :class:`Retry`
+        :param rate_limit: calls per second for the whole stage, see
+            :class:`RateLimit`
         """
         self._check_configurable()
         name = self._stage_name(name, transformer, "transformer")
+        role = f"transformer {name!r}"
+        _check_bool(f"{role}: ordered", ordered)
         self._transformers.append(
             self._stage_plan(
-                "transformer", name, transformer, scaling_strategy, buffer_size
+                "transformer",
+                name,
+                transformer,
+                scaling_strategy,
+                buffer_size,
+                fan_out=is_fan_out(transformer),
+                ordered=ordered,
+                timeout=timeout,
+                retry=retry,
+                rate_limit=rate_limit,
+            )
+        )
+
+    def add_filter(
+        self,
+        predicate: Transformer,
+        *,
+        name: str | None = None,
+        scaling_strategy: ScalingStrategy | None = None,
+        buffer_size: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Append a stage that passes on the items for which ``predicate`` is true.
+
+        Rejected items leave the flow; the stage counts them as ``filtered`` (and
+        as ``processed``). With several workers, items may be reordered.
+
+        :param predicate: ``async def keep(item) -> bool``, or a context manager
+            factory yielding one
+        :param timeout: seconds one call may take, as for :meth:`add_transformer`
+        """
+        self._check_configurable()
+        name = self._stage_name(name, predicate, "filter")
+        self._transformers.append(
+            self._stage_plan(
+                "filter",
+                name,
+                predicate,
+                scaling_strategy,
+                buffer_size,
+                timeout=timeout,
+            )
+        )
+
+    def add_batch(
+        self,
+        max_size: int,
+        *,
+        max_wait: float | None = None,
+        name: str | None = None,
+        buffer_size: int | None = None,
+    ) -> None:
+        """Append a stage that groups items into lists of up to ``max_size``.
+
+        A partial list is sent on once ``max_wait`` seconds have passed since it
+        took its first item (``None``: only full lists, and the last one), and when
+        the input ends (a drain). On an abort, the items of a pending list count as
+        dropped. The stage is one task; it takes no scaling strategy. Split batches
+        again with a fan-out transformer.
+
+        :param max_size: the largest list sent on (>= 1)
+        :param max_wait: seconds a partial list may wait (> 0), or ``None``
+        :param name: the stage's name (default: ``"batch"``, numbered if taken)
+        :param buffer_size: capacity of this stage's input buffer
+        """
+        self._check_configurable()
+        if name is None:
+            taken = {plan.name for plan in self._stage_plans()}
+            name = next(
+                candidate
+                for candidate in ("batch", *(f"batch_{n}" for n in range(2, 10**6)))
+                if candidate not in taken
+            )
+        name = self._stage_name(name, None, "batch")
+        role = f"batch {name!r}"
+        _check_int(f"{role}: max_size", max_size, minimum=1)
+        if max_wait is not None:
+            _check_positive_seconds(f"{role}: max_wait", max_wait)
+        if buffer_size is not None:
+            _check_int(f"{role}: buffer_size", buffer_size, minimum=0)
+        self._transformers.append(
+            StagePlan(
+                name,
+                "batch",
+                StageCallable(role, _never_called, None),
+                FixedScaling(1),
+                buffer_size,
+                max_size=max_size,
+                max_wait=max_wait,
             )
         )
 
@@ -122,15 +231,26 @@ class Flow:
         name: str | None = None,
         scaling_strategy: ScalingStrategy | None = None,
         buffer_size: int | None = None,
+        timeout: float | None = None,
+        retry: Retry | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         """Set the sink: ``async def f(item)``, or a context manager factory as for
-        :meth:`add_transformer`. Its return value is ignored."""
+        :meth:`add_transformer`, which also explains the other options. Its return
+        value is ignored."""
         self._check_configurable()
         previous, self._consumer = self._consumer, None
         try:
             name = self._stage_name(name, consumer, "consumer")
             self._consumer = self._stage_plan(
-                "consumer", name, consumer, scaling_strategy, buffer_size
+                "consumer",
+                name,
+                consumer,
+                scaling_strategy,
+                buffer_size,
+                timeout=timeout,
+                retry=retry,
+                rate_limit=rate_limit,
             )
         except BaseException:
             self._consumer = previous
@@ -428,14 +548,43 @@ class Flow:
         obj: object,
         scaling_strategy: ScalingStrategy | None,
         buffer_size: int | None,
+        *,
+        fan_out: bool = False,
+        ordered: bool = False,
+        timeout: float | None = None,
+        retry: Retry | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> StagePlan:
         role = f"{kind} {name!r}"
-        call = stage_callable(obj, role, arity=1)
+        call = stage_callable(obj, role, arity=1, fan_out=fan_out)
         if scaling_strategy is not None:
             _check_strategy(scaling_strategy, f"{role}: scaling_strategy")
         if buffer_size is not None:
             _check_int(f"{role}: buffer_size", buffer_size, minimum=0)
-        return StagePlan(name, kind, call, scaling_strategy, buffer_size)
+        if timeout is not None:
+            _check_positive_seconds(f"{role}: timeout", timeout)
+        if retry is not None and not isinstance(retry, Retry):
+            raise TypeError(
+                f"{role}: retry must be a flowrhythm.Retry, e.g. Retry(attempts=3), "
+                f"got {retry!r}"
+            )
+        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+            raise TypeError(
+                f"{role}: rate_limit must be a flowrhythm.RateLimit, e.g. "
+                f"RateLimit(per_second=10), got {rate_limit!r}"
+            )
+        return StagePlan(
+            name,
+            kind,
+            call,
+            scaling_strategy,
+            buffer_size,
+            fan_out=fan_out,
+            ordered=ordered,
+            timeout=timeout,
+            retry=retry,
+            rate_limit=rate_limit,
+        )
 
     def _plan(self) -> Plan:
         if self._source is None:
@@ -459,6 +608,24 @@ class Flow:
         names = " -> ".join(plan.name for plan in self._stage_plans()) or "no stages"
         state = self._run.state if self._run is not None else "not started"
         return f"<Flow {names} ({state})>"
+
+
+def _check_bool(what: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {value!r}")
+
+
+def _check_positive_seconds(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(
+            f"{what} must be a finite number of seconds > 0, got {value!r}"
+        )
+
+
+async def _never_called(item: Any) -> Any:  # a batch stage calls no function
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _check_strategy(strategy: object, what: str) -> ScalingStrategy:

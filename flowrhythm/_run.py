@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -17,24 +16,17 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._cleanup import Cleanups, in_cancelled_scope
 from ._errors import add_note, spurious_cancellation
+from ._loops import CHECKPOINT_EVERY
 from ._plan import Plan
-from ._stage import CHECKPOINT_EVERY, Stage
+from ._stage import Stage
 from ._stats import StageCounters
+from ._time import Timebase
 from .scaling import ScalingPolicy, ScalingStrategy, _check_policy
 
 logger = logging.getLogger("flowrhythm")
 
 #: the run whose tasks the current task belongs to (stop() must not wait for itself)
 current_run: ContextVar[Run | None] = ContextVar("flowrhythm_current_run", default=None)
-
-
-def default_clock() -> Callable[[], float]:
-    """Return the running event loop's clock (cheaper than ``anyio.current_time``)."""
-    if anyio.get_cancelled_exc_class() is asyncio.CancelledError:
-        return asyncio.get_running_loop().time
-    import trio
-
-    return trio.current_time
 
 
 async def log_error(item: Any, exc: BaseException) -> None:
@@ -47,7 +39,8 @@ class Run:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.clock = plan.clock or default_clock()
+        self.timebase = Timebase(plan.clock)
+        self.clock = self.timebase.now
         self.counters = [StageCounters(stage.name) for stage in plan.stages]
         self.state = "created"  # -> running -> finished
         self.started = False
@@ -239,6 +232,7 @@ class Run:
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
+                self.timebase.bind(tg)
                 self._last_stage_done = stages[-1].done
                 # Started in order, so each stage takes items before anything sends.
                 for stage, initial in zip(stages, initials, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,16 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._cleanup import in_cancelled_scope
 from ._controller import Controller
 from ._errors import add_note, spurious_cancellation
+from ._loops import (
+    CHECKPOINT_EVERY,
+    END,
+    RETIRED,
+    batch_loop,
+    fan_out_loop,
+    filter_loop,
+)
+from ._operators import CallPolicy
+from ._ordered import Reorder, ordered_loop
 from ._plan import StagePlan
 from ._stats import StageCounters
 
@@ -21,13 +32,8 @@ if TYPE_CHECKING:
     from ._run import Run
     from .scaling import ScalingPolicy
 
-#: a worker that never has to wait still yields to the event loop this often, so
-#: other tasks run and cancellation is seen within this many items
-CHECKPOINT_EVERY = 64
-
-#: what a blocking receive returns instead of an item
-_END = object()  # the input is exhausted
-_RETIRED = object()  # the scaler retired this idle worker
+ItemCall = Callable[[Any], Awaitable[Any]]
+Receive = Callable[[], Awaitable[Any]]
 
 
 class Stage:
@@ -56,7 +62,7 @@ class Stage:
         self.controller = Controller(self, strategy)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._input_closed = False  # upstream closed its side
-        self._exhausted = False  # a worker saw the end of the input
+        self.exhausted = False  # a worker saw the end of the input
         self.done = anyio.Event()
         #: cancel scopes of workers blocked in receive, newest last; only used
         #: when the strategy can shrink the pool
@@ -64,6 +70,29 @@ class Stage:
         #: workers on their way out, and workers waiting for them to be gone
         self.retiring = 0
         self.deferred = 0
+        self.policy = CallPolicy(
+            plan.call.role,
+            counters,
+            run.timebase,
+            timeout=plan.timeout,
+            retry=plan.retry,
+            rate_limit=plan.rate_limit,
+        )
+        counters.emitted_is_processed = plan.loop in ("map", "ordered") and not (
+            plan.fan_out
+        )
+        self.order: Reorder | None = Reorder(self) if plan.ordered else None
+        self._work = self._pick_loop(plan.loop)
+
+    def _pick_loop(self, name: str) -> Callable[[ItemCall], Awaitable[None]]:
+        if name == "map":
+            return self._loop
+        if name == "consumer":
+            return self._consume_loop
+        if name == "ordered":
+            return functools.partial(ordered_loop, self)
+        loops = {"filter": filter_loop, "fan_out": fan_out_loop, "batch": batch_loop}
+        return functools.partial(loops[name], self)
 
     # -- lifetime -------------------------------------------------------------------
 
@@ -102,7 +131,7 @@ class Stage:
         counters = self.counters
         queued = counters.offered > counters.taken
         if not counters.workers and (
-            self._exhausted or (self._input_closed and not queued)
+            self.exhausted or (self._input_closed and not queued)
         ):
             self.done.set()
         elif queued and not self.active_workers:
@@ -114,7 +143,7 @@ class Stage:
 
     def spawn(self, *, initial: bool = False) -> bool:
         """Start one more worker; ``False`` once the stage is winding down."""
-        if self._exhausted or self._task_group is None or in_cancelled_scope():
+        if self.exhausted or self._task_group is None or in_cancelled_scope():
             # Never replace workers that a cancellation is taking down.
             return False
         counters = self.counters
@@ -170,7 +199,7 @@ class Stage:
                 entered = True
                 if initial:
                     self.run.worker_ready()
-                await self._loop(call.fn)
+                await self._work(call.fn)
             else:
                 assert call.factory is not None
                 try:
@@ -186,7 +215,7 @@ class Stage:
                 if initial:
                     self.run.worker_ready()
                 try:
-                    await self._loop(fn)
+                    await self._work(fn)
                 except BaseException as exc:
                     await self.run.cleanups.exit(cm, exc)
                     raise
@@ -221,10 +250,9 @@ class Stage:
         scaler's sampling gates are one integer comparison each. Items this stage
         finished are counted once, as items offered to the next stage.
         """
-        if self.outbox is None:
-            await self._consume_loop(fn)
-            return
         assert self.next is not None
+        assert self.outbox is not None
+        fn = self.policy.wrap(fn)
         counters = self.counters
         controller = self.controller
         receive_nowait = self.inbox.receive_nowait
@@ -238,9 +266,9 @@ class Stage:
         budget = CHECKPOINT_EVERY
 
         # This worker was counted idle when spawned; it is idle until it has an item.
-        item = await self._receive_blocking()
-        if item is _END or item is _RETIRED:
-            self._exhausted = item is _END
+        item = await self.receive_blocking()
+        if item is END or item is RETIRED:
+            self.exhausted = item is END
             return
         while True:
             counters.taken += 1
@@ -257,30 +285,31 @@ class Stage:
                 try:
                     send_nowait(result)
                 except WouldBlock:
-                    await self._send_blocking(result)
+                    await self.send_blocking(result)
                     budget = CHECKPOINT_EVERY
             del item  # not held while waiting for the next one
             budget -= 1
             if not budget:
                 budget = CHECKPOINT_EVERY
-                self._refresh()
+                self.refresh()
                 await checkpoint()
             try:
                 item = receive_nowait()
             except WouldBlock:
                 counters.idle += 1
-                item = await self._receive_blocking()
-                if item is _END or item is _RETIRED:
+                item = await self.receive_blocking()
+                if item is END or item is RETIRED:
                     break
                 budget = CHECKPOINT_EVERY
             except EndOfStream:
-                item = _END
+                item = END
                 break
-        self._exhausted = item is _END
+        self.exhausted = item is END
 
     async def _consume_loop(self, fn: Callable[[Any], Awaitable[Any]]) -> None:
         """The consumer's hot path: ``_loop`` without the send downstream (kept as
         a separate loop so neither pays a per-item branch)."""
+        fn = self.policy.wrap(fn)
         counters = self.counters
         controller = self.controller
         receive_nowait = self.inbox.receive_nowait
@@ -288,9 +317,9 @@ class Stage:
         sampled = controller.gated
         budget = CHECKPOINT_EVERY
 
-        item = await self._receive_blocking()
-        if item is _END or item is _RETIRED:
-            self._exhausted = item is _END
+        item = await self.receive_blocking()
+        if item is END or item is RETIRED:
+            self.exhausted = item is END
             return
         while True:
             counters.taken += 1
@@ -306,59 +335,94 @@ class Stage:
             budget -= 1
             if not budget:
                 budget = CHECKPOINT_EVERY
-                self._refresh()
+                self.refresh()
                 await checkpoint()
             try:
                 item = receive_nowait()
             except WouldBlock:
                 counters.idle += 1
-                item = await self._receive_blocking()
-                if item is _END or item is _RETIRED:
+                item = await self.receive_blocking()
+                if item is END or item is RETIRED:
                     break
                 budget = CHECKPOINT_EVERY
             except EndOfStream:
-                item = _END
+                item = END
                 break
-        self._exhausted = item is _END
+        self.exhausted = item is END
 
-    async def _receive_blocking(self) -> Any:
-        """Wait for the next item as an idle worker; or ``_END``, or ``_RETIRED``.
+    async def receive_blocking(self, receive: Receive | None = None) -> Any:
+        """Wait for the next item as an idle worker; or ``END``, or ``RETIRED``.
 
-        The caller has already counted this worker as idle.
+        The caller has already counted this worker as idle. ``receive`` replaces
+        the input's own receive (an ordered stage's intake, a batch's deadline).
         """
+        if receive is None:
+            receive = self.inbox.receive
         counters = self.counters
         counters.nonempty_since = None
         try:
             if self.controller.can_shrink:
-                return await self._receive_or_retire()
+                return await self._receive_or_retire(receive)
             try:
-                item = await self.inbox.receive()
+                item = await receive()
             except EndOfStream:
-                return _END
+                return END
         finally:
             counters.idle -= 1
         counters.last_dequeue_at = self.run.clock()
         return item
 
-    async def _receive_or_retire(self) -> Any:
-        item: Any = _RETIRED
+    async def _receive_or_retire(self, receive: Receive) -> Any:
+        item: Any = RETIRED
         with anyio.CancelScope() as scope:
             self._idle_scopes[scope] = None
             try:
-                item = await self.inbox.receive()
+                item = await receive()
             except EndOfStream:
-                item = _END
+                item = END
             finally:
                 self._idle_scopes.pop(scope, None)
         if scope.cancel_called:
             # Picked for retirement. If an item (or the end) arrived in the very same
             # step, the cancellation was not delivered: keep the item, stay.
             self.retiring -= 1
-        if item is not _END and item is not _RETIRED:
+        if item is not END and item is not RETIRED:
             self.counters.last_dequeue_at = self.run.clock()
         return item
 
-    async def _send_blocking(self, result: Any) -> None:
+    # -- building blocks of the operator loops (not the two hot loops above) ----------
+
+    def took(self) -> None:
+        """Count an item a worker has just taken."""
+        counters = self.counters
+        counters.taken += 1
+        if counters.taken >= counters.dequeue_gate:
+            self.controller.on_dequeue_gate()
+
+    async def take(self, receive: Receive | None = None) -> Any:
+        """Return the next item for a worker holding none (``END``, ``RETIRED``)."""
+        try:
+            return self.inbox.receive_nowait()
+        except WouldBlock:
+            self.counters.idle += 1
+            return await self.receive_blocking(receive)
+        except EndOfStream:
+            return END
+
+    async def emit(self, output: Any) -> None:
+        """Send ``output`` to the next stage, waiting for room if need be."""
+        assert self.outbox is not None
+        assert self.next is not None
+        downstream = self.next.counters
+        downstream.offered += 1
+        if downstream.offered >= downstream.enqueue_gate:
+            self.next.controller.on_enqueue_gate()
+        try:
+            self.outbox.send_nowait(output)
+        except WouldBlock:
+            await self.send_blocking(output)
+
+    async def send_blocking(self, result: Any) -> None:
         assert self.outbox is not None
         assert self.next is not None
         counters = self.counters
@@ -370,7 +434,7 @@ class Stage:
         finally:
             counters.blocked -= 1
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         """Stamp the time-based stats; called every ``CHECKPOINT_EVERY`` items."""
         now = self.run.clock()
         counters = self.counters

@@ -50,12 +50,36 @@ class StageStats:
     #: how many times a worker finished an item and had to wait for room downstream
     #: (a stage whose count grows is held back by its downstream, not short of workers)
     blocked_sends: int = 0
+    #: items sent downstream: one per processed item for a plain transformer, the
+    #: outputs of a fan-out stage, the batches of a batch stage (0 for the consumer)
+    emitted: int = 0
+    #: items a filter's predicate rejected (counted within ``processed``)
+    filtered: int = 0
+    #: calls made again after a failed attempt (``retry=``)
+    retries: int = 0
+    #: call attempts cut by the stage's ``timeout=``
+    timeouts: int = 0
+    #: workers waiting for a token of the stage's ``rate_limit=`` (not busy, and
+    #: not short of workers: the scaler does not grow a throttled stage)
+    throttled_workers: int = 0
+    #: how many times a call had to wait for a token
+    throttled_waits: int = 0
+    #: for ``ordered=True``: items received and not yet emitted or failed, and the
+    #: most there have been (bounded by 4 per worker)
+    reorder_window: int = 0
+    reorder_window_peak: int = 0
     #: when this snapshot was taken, on the same clock (``None`` before a run)
     sampled_at: float | None = None
 
     def total_workers(self) -> int:
-        """Return the number of workers the stage runs (busy, idle and blocked)."""
-        return self.busy_workers + self.idle_workers + self.blocked_workers
+        """Return the number of workers the stage runs (busy, idle, blocked and
+        throttled)."""
+        return (
+            self.busy_workers
+            + self.idle_workers
+            + self.blocked_workers
+            + self.throttled_workers
+        )
 
     def utilization(self) -> float:
         """Return the share of workers that are busy, from 0.0 to 1.0.
@@ -77,8 +101,10 @@ class StageCounters:
         "blocked",
         "blocked_sends",
         "dequeue_gate",
+        "emitted_is_processed",
         "enqueue_gate",
         "errors",
+        "filtered",
         "idle",
         "last_dequeue_at",
         "last_enqueue_at",
@@ -90,8 +116,14 @@ class StageCounters:
         "offered",
         "output",
         "processed",
+        "reorder_peak",
+        "reorder_window",
+        "retries",
         "settled",
         "taken",
+        "throttled",
+        "throttled_waits",
+        "timeouts",
         "workers",
     )
 
@@ -101,10 +133,18 @@ class StageCounters:
         self.offered = 0
         #: items a worker took from the input
         self.taken = 0
-        #: items the callable finished; a transformer leaves it at 0 and counts them
-        #: once, as ``output.offered`` (every finished item is offered downstream)
+        #: items the stage finished; a plain transformer leaves it at 0 and counts
+        #: them once, as ``output.offered`` (each finished item is one sent on)
         self.processed = 0
+        self.emitted_is_processed = False
         self.output: StageCounters | None = None
+        self.filtered = 0
+        self.retries = 0
+        self.timeouts = 0
+        self.throttled = 0
+        self.throttled_waits = 0
+        self.reorder_window = 0
+        self.reorder_peak = 0
         self.errors = 0
         self.workers = 0
         self.idle = 0
@@ -125,11 +165,13 @@ class StageCounters:
     def settle(self) -> None:
         """Mark the run as ended: every worker is gone, every item accounted for."""
         self.settled = True
-        self.workers = self.idle = self.blocked = 0
+        self.workers = self.idle = self.blocked = self.throttled = 0
+        self.reorder_window = 0
 
     def snapshot(self, now: float | None = None) -> StageStats:
-        busy = self.workers - self.idle - self.blocked
-        processed = self.processed if self.output is None else self.output.offered
+        busy = self.workers - self.idle - self.blocked - self.throttled
+        emitted = self.output.offered if self.output is not None else 0
+        processed = emitted if self.emitted_is_processed else self.processed
         if self.settled:
             # After the run every offered item reached the stage; whatever it did not
             # finish or route to the error handler was cut by an abort.
@@ -157,5 +199,13 @@ class StageCounters:
             errors=self.errors,
             dropped=dropped,
             blocked_sends=self.blocked_sends,
+            emitted=emitted,
+            filtered=self.filtered,
+            retries=self.retries,
+            timeouts=self.timeouts,
+            throttled_workers=self.throttled,
+            throttled_waits=self.throttled_waits,
+            reorder_window=self.reorder_window,
+            reorder_window_peak=self.reorder_peak,
             sampled_at=now,
         )

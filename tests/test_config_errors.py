@@ -135,10 +135,11 @@ CONFIG_ERRORS: list[Any] = [
         id="transformer-sync-partial",
     ),
     pytest.param(
-        lambda f: f.add_transformer(agen_stage),
+        lambda f: f.set_consumer(agen_stage),
         TypeError,
-        r"transformer 'agen_stage' must be .*async generator function",
-        id="transformer-async-generator",
+        r"consumer 'agen_stage' must be .*async generator function.*only "
+        r"add_transformer\(\) takes those",
+        id="consumer-async-generator",
     ),
     pytest.param(
         lambda f: f.add_transformer(_coroutine_object()),

@@ -1,0 +1,103 @@
+"""Time as a run sees it: one clock for reading, sleeping and deadlines.
+
+By default that is the event loop's clock. A flow given a clock with an async
+``sleep(seconds)`` method (a test's manual clock) also waits through it, so
+batching windows, retry backoff, rate limits and per-item timeouts follow that
+clock instead of the wall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from typing_extensions import Self
+
+
+def loop_clock() -> Callable[[], float]:
+    """Return the running event loop's clock (cheaper than ``anyio.current_time``)."""
+    if anyio.get_cancelled_exc_class() is asyncio.CancelledError:
+        return asyncio.get_running_loop().time
+    import trio
+
+    return trio.current_time
+
+
+class Timebase:
+    """Reads the run's clock, sleeps on it and bounds calls by it."""
+
+    def __init__(self, clock: Callable[[], float] | None) -> None:
+        self.now: Callable[[], float] = clock or loop_clock()
+        sleep = getattr(clock, "sleep", None)
+        #: the clock's own sleep, if it has one (a manual clock in tests)
+        self._custom_sleep: Callable[[float], Awaitable[Any]] | None = (
+            sleep if callable(sleep) else None
+        )
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    def bind(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Where a custom clock's deadline watchers run (the run's task group)."""
+        self._task_group = task_group
+
+    async def sleep(self, seconds: float) -> None:
+        if self._custom_sleep is None:
+            await anyio.sleep(seconds)
+        else:
+            await self._custom_sleep(seconds)
+
+    def deadline(self, seconds: float) -> anyio.CancelScope | _WatchedScope:
+        """Return a cancel scope (a context manager) that cancels itself
+        ``seconds`` from now; after it exits, ``cancelled_caught`` tells a timeout."""
+        if self._custom_sleep is None:
+            return anyio.CancelScope(deadline=anyio.current_time() + seconds)
+        assert self._task_group is not None
+        return _WatchedScope(self._task_group, self._custom_sleep, seconds)
+
+
+class _WatchedScope:
+    """A cancel scope whose deadline a task sleeping on a custom clock enforces.
+
+    The watcher is cancelled when the scope exits, so none outlives its scope
+    (a manual clock that is never advanced must not keep the run alive).
+    """
+
+    def __init__(
+        self,
+        task_group: anyio.abc.TaskGroup,
+        sleep: Callable[[float], Awaitable[Any]],
+        seconds: float,
+    ) -> None:
+        self._task_group = task_group
+        self._sleep = sleep
+        self._seconds = seconds
+        self._scope = anyio.CancelScope()
+        self._watcher = anyio.CancelScope()
+
+    @property
+    def cancelled_caught(self) -> bool:
+        return self._scope.cancelled_caught
+
+    def __enter__(self) -> Self:
+        self._task_group.start_soon(self._watch, name="deadline")
+        self._scope.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._watcher.cancel()
+        return bool(self._scope.__exit__(exc_type, exc, tb))
+
+    async def _watch(self) -> None:
+        with self._watcher:
+            await self._sleep(self._seconds)
+            self._scope.cancel()
