@@ -106,10 +106,15 @@ class Controller:
         if target == 0 and counters.offered > counters.taken:
             target = 1
         active = stage.active_workers
-        if target > active and active and stage.next is not None and stage.next.full:
-            # Downstream cannot take an item right now: this stage is not short of
-            # workers, its downstream is. More workers would only wait to send.
-            return
+        if target > active and active:
+            if stage.next is not None and stage.next.full:
+                # Downstream cannot take an item right now: this stage is not short
+                # of workers, its downstream is. More would only wait to send.
+                return
+            if counters.throttled:
+                # Workers wait for the stage's rate limit: more could not call any
+                # faster, and the limit is the external quota.
+                return
         if target > active:
             # Workers on their way out still run: never exceed max_workers tasks.
             # What does not fit now starts as soon as a retiring worker is gone.

@@ -67,8 +67,9 @@ class Retry:
     def __repr__(self) -> str:
         on = self.on if isinstance(self.on, tuple) else (self.on,)
         names = ", ".join(cls.__qualname__ for cls in on)
+        names = f"({names})" if len(on) > 1 else f"({names},)"
         return (
-            f"Retry(attempts={self.attempts}, on=({names},), backoff={self.backoff}, "
+            f"Retry(attempts={self.attempts}, on={names}, backoff={self.backoff}, "
             f"max_backoff={self.max_backoff}, jitter={self.jitter})"
         )
 
