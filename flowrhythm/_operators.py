@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ._errors import add_note
 
 if TYPE_CHECKING:
+    from ._cleanup import Cleanups
     from ._stats import StageCounters
     from ._time import Timebase
 
@@ -147,6 +148,7 @@ class CallPolicy:
         role: str,
         counters: StageCounters,
         timebase: Timebase,
+        cleanups: Cleanups,
         *,
         timeout: float | None,
         retry: Retry | None,
@@ -155,6 +157,7 @@ class CallPolicy:
         self.role = role
         self.counters = counters
         self.timebase = timebase
+        self.cleanups = cleanups
         self.timeout = timeout
         self.retry = retry
         self.bucket = (
@@ -238,26 +241,27 @@ class CallPolicy:
                 await self.bucket.acquire()
             outputs = gen_fn(item)
             emitted = False
-            try:
-                while True:
-                    try:
-                        output = await self._next(outputs)
-                    except StopAsyncIteration:
-                        return None
-                    except Exception as exc:
-                        failed += 1
-                        if not await self.retry_after(
-                            exc, failed, retryable=not emitted
-                        ):
-                            return exc
-                        break  # retry with a fresh generator
-                    emitted = True
-                    # Outside the handler above: a failed send is not the item's.
+            while True:
+                try:
+                    output = await self._next(outputs)
+                except StopAsyncIteration:
+                    return None
+                except Exception as exc:
+                    failed += 1
+                    if not await self.retry_after(exc, failed, retryable=not emitted):
+                        return exc
+                    break  # retry with a fresh generator
+                emitted = True
+                # Outside the handler above: a failed send is not the item's.
+                try:
                     await emit(output)
-            finally:
-                aclose = getattr(outputs, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                except BaseException:
+                    # The generator is suspended at its yield: close it, so its
+                    # own cleanup (finally, async with) runs, even when cancelled.
+                    aclose = getattr(outputs, "aclose", None)
+                    if aclose is not None:
+                        await self.cleanups.run(aclose)
+                    raise
 
     async def _next(self, outputs: AsyncIterator[Any]) -> Any:
         if self.timeout is None:

@@ -74,6 +74,7 @@ class Stage:
             plan.call.role,
             counters,
             run.timebase,
+            run.cleanups,
             timeout=plan.timeout,
             retry=plan.retry,
             rate_limit=plan.rate_limit,

@@ -294,6 +294,55 @@ def test_stage_stats_is_an_immutable_snapshot() -> None:
         stats.busy_workers = 2  # type: ignore[misc]
 
 
+def test_snapshot_fills_every_field_from_its_counter() -> None:
+    """The snapshot builds StageStats positionally (it is on the scaler's path):
+    each field must get its own counter's value, whatever the field order."""
+    from flowrhythm._stats import StageCounters
+
+    counters = StageCounters("s")
+    counters.output = StageCounters("next")
+    for number, name in enumerate(sorted(StageCounters.__slots__), start=1):
+        if name not in {"name", "output", "settled", "emitted_is_processed"}:
+            setattr(counters, name, 1000 * number)
+    counters.offered = counters.taken + 7  # a queue, so its start time shows
+    counters.output.offered = 5
+    stats = counters.snapshot(now=42.0)
+    expected = StageStats(
+        stage_name="s",
+        busy_workers=counters.workers
+        - counters.idle
+        - counters.blocked
+        - counters.throttled,
+        idle_workers=counters.idle,
+        blocked_workers=counters.blocked,
+        queue_length=7,
+        oldest_item_enqueued_at=counters.nonempty_since,
+        last_enqueue_at=counters.last_enqueue_at,
+        last_dequeue_at=counters.last_dequeue_at,
+        last_scale_up_at=counters.last_scale_up_at,
+        last_scale_down_at=counters.last_scale_down_at,
+        last_error_at=counters.last_error_at,
+        received=counters.taken,
+        processed=counters.processed,
+        errors=counters.errors,
+        dropped=0,
+        blocked_sends=counters.blocked_sends,
+        emitted=5,
+        filtered=counters.filtered,
+        retries=counters.retries,
+        timeouts=counters.timeouts,
+        throttled_workers=counters.throttled,
+        throttled_waits=counters.throttled_waits,
+        reorder_window=counters.reorder_window,
+        reorder_window_peak=counters.reorder_peak,
+        sampled_at=42.0,
+    )
+    assert stats == expected
+    assert (
+        len(set(dataclasses.astuple(stats)[1:])) == len(dataclasses.fields(stats)) - 1
+    )
+
+
 @pytest.mark.parametrize(
     ("busy", "idle", "blocked", "total", "utilization"),
     [(0, 0, 0, 0, 0.0), (3, 1, 0, 4, 0.75), (1, 2, 1, 4, 0.25), (2, 0, 0, 2, 1.0)],
