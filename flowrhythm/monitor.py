@@ -144,7 +144,8 @@ class FlowView:
                 _workers(stage),
                 _count(stage.busy_workers, "green"),
                 _count(stage.idle_workers, ""),
-                _count(stage.blocked_workers, "yellow"),
+                # held back: waiting for room downstream or for a rate-limit token
+                _count(stage.blocked_workers + stage.throttled_workers, "yellow"),
                 _count(stage.queue_length, "yellow"),
                 "–" if rate is None else f"{rate:,.1f}",
                 _count(stage.errors, "red"),
@@ -292,7 +293,8 @@ def _count(value: int, style: str) -> Text:
 
 
 def _workers(stage: StageStats) -> Text:
-    """The pool size, then a bar: busy workers solid, blocked ones shaded, idle dots.
+    """The pool size, then a bar: busy workers solid, held-back ones (blocked or
+    throttled) shaded, idle dots.
 
     The solid part is the stage's utilization.
     """
