@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from anyio.lowlevel import checkpoint
-
 if TYPE_CHECKING:
     from ._stage import Stage
 
@@ -33,8 +31,7 @@ async def pace(stage: Stage, budget: int) -> int:
     budget -= 1
     if budget:
         return budget
-    stage.refresh()
-    await checkpoint()
+    await stage.pause()
     return CHECKPOINT_EVERY
 
 

@@ -292,8 +292,7 @@ class Stage:
             budget -= 1
             if not budget:
                 budget = CHECKPOINT_EVERY
-                self.refresh()
-                await checkpoint()
+                await self.pause()
             try:
                 item = receive_nowait()
             except WouldBlock:
@@ -336,8 +335,7 @@ class Stage:
             budget -= 1
             if not budget:
                 budget = CHECKPOINT_EVERY
-                self.refresh()
-                await checkpoint()
+                await self.pause()
             try:
                 item = receive_nowait()
             except WouldBlock:
@@ -434,6 +432,21 @@ class Stage:
             await self.outbox.send(result)
         finally:
             counters.blocked -= 1
+
+    async def pause(self) -> None:
+        """Let other tasks run, between two items (every ``CHECKPOINT_EVERY``).
+
+        Meanwhile the worker counts as ready, not busy: it holds no item and only
+        waits for its turn on the event loop. Sampled from another task, a stage
+        whose workers are often ready is CPU-bound, and more workers would not help.
+        """
+        self.refresh()
+        counters = self.counters
+        counters.ready += 1
+        try:
+            await checkpoint()
+        finally:
+            counters.ready -= 1
 
     def refresh(self) -> None:
         """Stamp the time-based stats; called every ``CHECKPOINT_EVERY`` items."""

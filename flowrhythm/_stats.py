@@ -68,17 +68,22 @@ class StageStats:
     #: most there have been (bounded by 4 per worker)
     reorder_window: int = 0
     reorder_window_peak: int = 0
+    #: workers between two items, waiting for their turn on the event loop (they
+    #: yield every 64 items that needed no wait); a stage whose workers are often
+    #: ready is CPU-bound, and more workers would not make it faster
+    ready_workers: int = 0
     #: when this snapshot was taken, on the same clock (``None`` before a run)
     sampled_at: float | None = None
 
     def total_workers(self) -> int:
-        """Return the number of workers the stage runs (busy, idle, blocked and
-        throttled)."""
+        """Return the number of workers the stage runs (busy, idle, blocked,
+        throttled and ready)."""
         return (
             self.busy_workers
             + self.idle_workers
             + self.blocked_workers
             + self.throttled_workers
+            + self.ready_workers
         )
 
     def utilization(self) -> float:
@@ -116,6 +121,7 @@ class StageCounters:
         "offered",
         "output",
         "processed",
+        "ready",
         "reorder_peak",
         "reorder_window",
         "retries",
@@ -143,6 +149,8 @@ class StageCounters:
         self.timeouts = 0
         self.throttled = 0
         self.throttled_waits = 0
+        #: workers between two items, waiting for their turn on the event loop
+        self.ready = 0
         self.reorder_window = 0
         self.reorder_peak = 0
         self.errors = 0
@@ -165,11 +173,11 @@ class StageCounters:
     def settle(self) -> None:
         """Mark the run as ended: every worker is gone, every item accounted for."""
         self.settled = True
-        self.workers = self.idle = self.blocked = self.throttled = 0
+        self.workers = self.idle = self.blocked = self.throttled = self.ready = 0
         self.reorder_window = 0
 
     def snapshot(self, now: float | None = None) -> StageStats:
-        busy = self.workers - self.idle - self.blocked - self.throttled
+        busy = self.workers - self.idle - self.blocked - self.throttled - self.ready
         emitted = self.output.offered if self.output is not None else 0
         processed = emitted if self.emitted_is_processed else self.processed
         if self.settled:
@@ -210,6 +218,7 @@ class StageCounters:
                 self.throttled_waits,
                 self.reorder_window,
                 self.reorder_peak,
+                self.ready,
                 now,
             )
         )

@@ -111,7 +111,7 @@ class UtilizationScaling(ScalingStrategy):
 
     Each time it is consulted (every ``sampling_events`` enqueues or dequeues, and
     every ``sampling_period`` seconds) it updates a moving average of the stage's
-    utilization, ``busy / (busy + idle)``, weighting the new sample by
+    utilization, ``busy / (busy + idle + ready)``, weighting the new sample by
     ``dampening``. Then:
 
     * it **grows** by ``upscaling_rate`` when the average is at or above
@@ -130,6 +130,8 @@ class UtilizationScaling(ScalingStrategy):
       utilization falls inside it, so a narrow band near 1.0 sizes it tightly
       and a wide one leaves headroom.
 
+    Ready workers (between items, waiting for the event loop: the stage is short
+    of CPU, not of workers) count as not busy, so a CPU-bound stage does not grow.
     Workers blocked sending downstream count neither as busy nor as idle, and a
     stage that had to wait for room downstream since the last decision
     (``blocked_sends`` grew) is never grown. With
@@ -221,7 +223,9 @@ class UtilizationScaling(ScalingStrategy):
         return clone
 
     def _decide(self, stats: StageStats) -> int:
-        working = stats.busy_workers + stats.idle_workers
+        # Ready workers (waiting for the event loop between items) are not busy:
+        # a stage that is short of CPU, not of workers, must not grow.
+        working = stats.busy_workers + stats.idle_workers + stats.ready_workers
         average = self._average
         if working:  # a pool whose workers all wait on downstream says nothing
             sample = stats.busy_workers / working

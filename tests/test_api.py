@@ -312,7 +312,8 @@ def test_snapshot_fills_every_field_from_its_counter() -> None:
         busy_workers=counters.workers
         - counters.idle
         - counters.blocked
-        - counters.throttled,
+        - counters.throttled
+        - counters.ready,
         idle_workers=counters.idle,
         blocked_workers=counters.blocked,
         queue_length=7,
@@ -335,6 +336,7 @@ def test_snapshot_fills_every_field_from_its_counter() -> None:
         throttled_waits=counters.throttled_waits,
         reorder_window=counters.reorder_window,
         reorder_window_peak=counters.reorder_peak,
+        ready_workers=counters.ready,
         sampled_at=42.0,
     )
     assert stats == expected
