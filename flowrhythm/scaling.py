@@ -210,7 +210,10 @@ class UtilizationScaling(ScalingStrategy):
         return self._decide(stats)
 
     def on_dequeue(self, stats: StageStats) -> int:
-        return self._decide(stats)
+        # The worker asking has just taken an item: it is busy by definition, and
+        # counting it would make a one-worker stage read as fully used on every
+        # dequeue. Sample the rest of the pool.
+        return self._decide(stats, caller_busy=True)
 
     def on_tick(self, stats: StageStats) -> int:
         return self._decide(stats)
@@ -222,13 +225,17 @@ class UtilizationScaling(ScalingStrategy):
         clone._queue = None
         return clone
 
-    def _decide(self, stats: StageStats) -> int:
+    def _decide(self, stats: StageStats, *, caller_busy: bool = False) -> int:
         # Ready workers (waiting for the event loop between items) are not busy:
         # a stage that is short of CPU, not of workers, must not grow.
-        working = stats.busy_workers + stats.idle_workers + stats.ready_workers
+        busy = stats.busy_workers
+        working = busy + stats.idle_workers + stats.ready_workers
+        if caller_busy and busy:
+            busy -= 1
+            working -= 1
         average = self._average
         if working:  # a pool whose workers all wait on downstream says nothing
-            sample = stats.busy_workers / working
+            sample = busy / working
             average = (
                 sample
                 if average is None

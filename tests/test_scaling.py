@@ -582,6 +582,32 @@ async def test_scale_up_under_load_stays_within_max(anyio_backend: Any) -> None:
     assert_balanced(flow)
 
 
+async def test_a_cpu_bound_pipeline_does_not_grow(anyio_backend: Any) -> None:
+    """Stages whose calls never wait are short of CPU, not of workers: between
+    items their workers wait for the event loop (ready), and the worker consulting
+    at a dequeue does not count itself, so UtilizationScaling sees no busy
+    workers and never grows them, however long their queues."""
+    strategy = UtilizationScaling(
+        min_workers=1, max_workers=4, sampling_events=1, sampling_period=0
+    )
+    flow = Flow(default_scaling_strategy=strategy)
+
+    async def produce() -> AsyncIterator[int]:
+        for item in range(5000):
+            yield item
+
+    flow.set_producer(produce)
+    for name in ("a", "b", "c"):
+        flow.add_transformer(_identity, name=name)
+    flow.set_consumer(_discard, name="sink")
+    with anyio.fail_after(GUARD * 2):
+        await flow.run()
+    for stats in flow.stats().values():
+        assert stats.last_scale_up_at is None, stats
+        assert stats.processed == 5000
+    assert_balanced(flow)
+
+
 async def test_scale_down_to_min_when_idle(anyio_backend: Any) -> None:
     strategy = UtilizationScaling(
         min_workers=2,
@@ -1013,9 +1039,9 @@ async def test_a_stage_blocked_by_its_downstream_does_not_grow(
             self.totals: list[int] = []
             self.samples: list[tuple[int, ...]] = []
 
-        def _decide(self, stats: StageStats) -> int:
+        def _decide(self, stats: StageStats, **options: Any) -> int:
             self.totals.append(stats.total_workers())
-            delta = super()._decide(stats)
+            delta = super()._decide(stats, **options)
             self.samples.append(
                 (
                     stats.busy_workers,
@@ -1091,10 +1117,10 @@ async def test_each_stage_gets_its_own_copy_of_the_default(anyio_backend: Any) -
     instances: dict[int, ScalingStrategy] = {}
 
     class Spy(UtilizationScaling):
-        def _decide(self, stats: StageStats) -> int:
+        def _decide(self, stats: StageStats, **options: Any) -> int:
             seen[id(self)].add(stats.stage_name)
             instances[id(self)] = self
-            return super()._decide(stats)
+            return super()._decide(stats, **options)
 
     shared = Spy(min_workers=1, max_workers=3, sampling_events=1, sampling_period=0)
     flow = Flow(default_scaling_strategy=shared)
