@@ -58,20 +58,28 @@ def describe(flow: Flow) -> str:
 def to_mermaid(flow: Flow) -> str:
     """Return ``flow`` as a Mermaid ``flowchart LR`` definition.
 
-    The producer and the consumer are rounded nodes, each stage shows its scaling
-    strategy in brief, and a dashed edge leads from every stage to the error
-    handler.
+    The producer and the consumer are rounded nodes; each stage shows its kind
+    (unless a plain transformer), its scaling strategy in brief and its options;
+    a dashed edge leads from every stage that can fail to the error handler.
     """
     plans = flow._stage_plans()
     lines = ["flowchart LR"]
     producer = _producer_name(flow) or "(not set)"
     lines.append(f'    producer(["{_label(producer, "producer")}"])')
     ids = []
+    can_fail = []
     for number, plan in enumerate(plans, start=1):
         node = f"stage{number}"
         ids.append(node)
         strategy = plan.scaling if plan.scaling is not None else flow._default_scaling
-        label = _label(plan.name, _brief(strategy), *_options(plan))
+        if plan.kind == "batch":
+            # One task that calls nothing: no strategy to show, nothing can fail.
+            label = _label(plan.name, "batch", *_options(plan))
+        else:
+            can_fail.append(node)
+            kind = _kind(plan)
+            shown = [] if kind in ("transformer", "consumer") else [kind]
+            label = _label(plan.name, *shown, _brief(strategy), *_options(plan))
         if plan.kind == "consumer":
             lines.append(f'    {node}(["{label}"])')
         else:
@@ -85,7 +93,7 @@ def to_mermaid(flow: Flow) -> str:
     for node in ids:
         lines.append(f"    {previous} --> {node}")
         previous = node
-    lines.extend(f"    {node} -.-> errors" for node in ids)
+    lines.extend(f"    {node} -.-> errors" for node in can_fail)
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -200,11 +201,10 @@ class Flow:
         self._check_configurable()
         if name is None:
             taken = {plan.name for plan in self._stage_plans()}
-            name = next(
-                candidate
-                for candidate in ("batch", *(f"batch_{n}" for n in range(2, 10**6)))
-                if candidate not in taken
+            candidates = itertools.chain(
+                ("batch",), (f"batch_{n}" for n in itertools.count(2))
             )
+            name = next(name for name in candidates if name not in taken)
         name = self._stage_name(name, None, "batch")
         role = f"batch {name!r}"
         _check_int(f"{role}: max_size", max_size, minimum=1)

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from ._errors import add_note
 
 if TYPE_CHECKING:
@@ -98,20 +100,28 @@ class RateLimit:
     burst: int = 1
 
     def __post_init__(self) -> None:
-        _check_seconds("RateLimit: per_second", self.per_second, minimum=0.0)
-        if not self.per_second > 0:
+        value = self.per_second
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"RateLimit: per_second must be a number, got {value!r}")
+        if not (value > 0 and math.isfinite(value)):
             raise ValueError(
-                f"RateLimit: per_second must be > 0, got {self.per_second!r}"
+                f"RateLimit: per_second must be a finite number > 0, got {value!r}"
             )
         _check_int("RateLimit: burst", self.burst, minimum=1)
+
+
+#: a token, give or take float rounding: refilling 0.1 s at 10/s yields
+#: 0.9999999999999998, and a sleep for the rest could not move the clock
+_WHOLE = 1.0 - 1e-9
 
 
 class TokenBucket:
     """The shared state of one stage's :class:`RateLimit`.
 
-    A caller that finds no token reserves the next one (the level goes below
-    zero) and sleeps until it is due, so concurrent waiters queue up one
-    interval apart instead of waking together and racing.
+    A token is taken at the moment the call starts, with the bucket refilled up
+    to that moment, so the calls of a stage never exceed the limit on the flow's
+    clock, even when a waiter wakes late. Waiters queue on a fair lock: the
+    first sleeps until a token is due and takes it; the next one follows.
     """
 
     def __init__(
@@ -123,19 +133,27 @@ class TokenBucket:
         self.counters = counters
         self.tokens = self.burst
         self.updated = timebase.now()
+        self._queue = anyio.Lock()
 
-    async def acquire(self) -> None:
+    def _refill(self) -> float:
         now = self.timebase.now()
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        self.tokens -= 1.0
-        if self.tokens >= 0.0:
+        return self.tokens
+
+    async def acquire(self) -> None:
+        """Take a token, waiting for one (behind earlier waiters) if need be."""
+        if not self._queue.locked() and self._refill() >= _WHOLE:
+            self.tokens -= 1.0
             return
         counters = self.counters
         counters.throttled += 1
         counters.throttled_waits += 1
         try:
-            await self.timebase.sleep(-self.tokens / self.rate)
+            async with self._queue:
+                while (tokens := self._refill()) < _WHOLE:
+                    await self.timebase.sleep((1.0 - tokens) / self.rate)
+                self.tokens -= 1.0
         finally:
             counters.throttled -= 1
 

@@ -77,14 +77,26 @@ class Reorder:
         propagates)."""
         while True:
             while self.full():
-                if self._room is None:
-                    self._room = anyio.Event()
-                await self._room.wait()
+                await self._wait_for_room()
             async with self.intake:
                 if self.full():
                     continue  # a sibling took the room first
                 item = await self.stage.inbox.receive()
                 return self.number(item)
+
+    async def _wait_for_room(self) -> None:
+        # Held back by the order, like a worker waiting for room downstream: not
+        # idle (a stage stalled behind one slow item is not oversized), not busy.
+        counters = self.counters
+        if self._room is None:
+            self._room = anyio.Event()
+        counters.idle -= 1
+        counters.blocked += 1
+        try:
+            await self._room.wait()
+        finally:
+            counters.blocked -= 1
+            counters.idle += 1
 
     async def finish(self, seq: int, outputs: Any, succeeded: bool) -> None:
         """Record item ``seq`` as finished; emit whatever is now in order."""

@@ -21,6 +21,7 @@ loop's clock.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 from collections.abc import AsyncIterator
@@ -77,8 +78,11 @@ class ManualClock:
         """Move the clock ``seconds`` ahead and wake every sleeper now due."""
         if seconds < 0:
             raise ValueError(f"a clock cannot go back: advance({seconds!r})")
-        self._now += seconds
-        while self._sleepers and self._sleepers[0][0] <= self._now:
+        self._move_to(self._now + seconds)
+
+    def _move_to(self, now: float) -> None:
+        self._now = now
+        while self._sleepers and self._sleepers[0][0] <= now:
             _, _, event = heapq.heappop(self._sleepers)
             event.set()
         self._notify()
@@ -88,7 +92,8 @@ class ManualClock:
         due with it); ``False`` if nobody sleeps."""
         if not self._sleepers:
             return False
-        self.advance(max(self._sleepers[0][0] - self._now, 0.0))
+        # To the deadline itself: now + (deadline - now) may round below it.
+        self._move_to(max(self._sleepers[0][0], self._now))
         return True
 
     @asynccontextmanager
@@ -100,7 +105,7 @@ class ManualClock:
         async def jump() -> None:
             while True:
                 await self.wait_for_sleepers(1)
-                await anyio.wait_all_tasks_blocked()
+                await _all_other_tasks_blocked()
                 self.advance_to_next()
 
         async with anyio.create_task_group() as tg:
@@ -121,3 +126,26 @@ class ManualClock:
         if self._changed is not None:
             self._changed.set()
             self._changed = None
+
+
+async def _all_other_tasks_blocked() -> None:
+    """Return once every other task waits on something (trio: exactly).
+
+    anyio's ``wait_all_tasks_blocked`` polls asyncio every 0.1 s, which would
+    make each jump of the clock cost that much wall time; this polls once per
+    event loop iteration instead.
+    """
+    if anyio.get_cancelled_exc_class() is not asyncio.CancelledError:
+        await anyio.wait_all_tasks_blocked()
+        return
+    this_task = asyncio.current_task()
+    while True:
+        await asyncio.sleep(0)
+        if all(task is this_task or _waiting(task) for task in asyncio.all_tasks()):
+            return
+
+
+def _waiting(task: asyncio.Task[object]) -> bool:
+    # asyncio keeps what a task awaits in this private attribute, as anyio reads it
+    waiter = getattr(task, "_fut_waiter", None)
+    return waiter is not None and not waiter.done()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import math
+import re
+import tracemalloc
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,7 +14,14 @@ from typing import Any
 import anyio
 import pytest
 
-from flowrhythm import FixedScaling, Flow, ScalingStrategy, UtilizationScaling
+from flowrhythm import (
+    FixedScaling,
+    Flow,
+    RateLimit,
+    Retry,
+    ScalingStrategy,
+    UtilizationScaling,
+)
 
 # -- well-formed pieces -------------------------------------------------------------
 
@@ -560,3 +571,505 @@ async def test_bad_stop_arguments(anyio_backend: Any) -> None:
         await flow.stop(timeout=-1)
     with pytest.raises(TypeError, match=r"timeout must be a number of seconds"):
         await flow.stop(timeout="soon")  # type: ignore[arg-type]
+
+
+# -- operator options: fan-out, filter, batch, ordered, timeout, retry, rate_limit -------
+
+
+async def fan_out(x: int):  # type: ignore[no-untyped-def]
+    yield x
+
+
+def sync_fan_out(x: int):  # type: ignore[no-untyped-def]
+    yield x
+
+
+def _bad_seconds(
+    label: str, prefix: str, configure: Callable[[object, Flow], object]
+) -> list[Any]:
+    """The rejected values of a seconds argument (``timeout``, ``max_wait``):
+    ``prefix`` is the stage and argument the message must start with."""
+    rejected = [
+        ("zero", 0, ValueError, "must be a finite number of seconds > 0, got 0"),
+        ("negative", -1, ValueError, "must be a finite number of seconds > 0, got -1"),
+        (
+            "nan",
+            math.nan,
+            ValueError,
+            "must be a finite number of seconds > 0, got nan",
+        ),
+        (
+            "inf",
+            math.inf,
+            ValueError,
+            "must be a finite number of seconds > 0, got inf",
+        ),
+        ("str", "1", TypeError, "must be a number of seconds, got '1'"),
+        ("bool", True, TypeError, "must be a number of seconds, got True"),
+    ]
+    return [
+        pytest.param(
+            functools.partial(configure, value),
+            error,
+            rf"^{re.escape(f'{prefix} {message}')}$",
+            id=f"{label}-{name}",
+        )
+        for name, value, error, message in rejected
+    ]
+
+
+OPERATOR_CONFIG_ERRORS: list[Any] = [
+    # ordered
+    pytest.param(
+        lambda f: f.add_transformer(double, ordered=1),
+        TypeError,
+        r"^transformer 'double': ordered must be True or False, got 1$",
+        id="ordered-int",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(fan_out, name="split", ordered="yes"),
+        TypeError,
+        r"^transformer 'split': ordered must be True or False, got 'yes'$",
+        id="ordered-str-fan-out",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(double, ordered=None),
+        TypeError,
+        r"^transformer 'double': ordered must be True or False, got None$",
+        id="ordered-none",
+    ),
+    # timeout, on every kind of stage that takes one
+    *_bad_seconds(
+        "timeout-transformer",
+        "transformer 'double': timeout",
+        lambda value, f: f.add_transformer(double, timeout=value),
+    ),
+    *_bad_seconds(
+        "timeout-fan-out",
+        "transformer 'fan_out': timeout",
+        lambda value, f: f.add_transformer(fan_out, timeout=value),
+    ),
+    *_bad_seconds(
+        "timeout-filter",
+        "filter 'keep': timeout",
+        lambda value, f: f.add_filter(double, name="keep", timeout=value),
+    ),
+    *_bad_seconds(
+        "timeout-consumer",
+        "consumer 'sink': timeout",
+        lambda value, f: f.set_consumer(sink, timeout=value),
+    ),
+    # retry and rate_limit must be the configuration objects
+    pytest.param(
+        lambda f: f.add_transformer(double, retry=3),
+        TypeError,
+        r"^transformer 'double': retry must be a flowrhythm\.Retry, "
+        r"e\.g\. Retry\(attempts=3\), got 3$",
+        id="retry-int",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(double, retry=Retry),
+        TypeError,
+        r"^transformer 'double': retry must be a flowrhythm\.Retry.*got <class",
+        id="retry-class-not-instance",
+    ),
+    pytest.param(
+        lambda f: f.set_consumer(sink, retry=RateLimit(1)),
+        TypeError,
+        r"^consumer 'sink': retry must be a flowrhythm\.Retry.*got RateLimit",
+        id="retry-consumer-rate-limit",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(fan_out, rate_limit=10),
+        TypeError,
+        r"^transformer 'fan_out': rate_limit must be a flowrhythm\.RateLimit, "
+        r"e\.g\. RateLimit\(per_second=10\), got 10$",
+        id="rate-limit-int",
+    ),
+    pytest.param(
+        lambda f: f.set_consumer(sink, rate_limit=Retry()),
+        TypeError,
+        r"^consumer 'sink': rate_limit must be a flowrhythm\.RateLimit.*got Retry",
+        id="rate-limit-consumer-retry",
+    ),
+    # filters: an async predicate of one argument
+    pytest.param(
+        lambda f: f.add_filter(sync_transform),
+        TypeError,
+        r"^filter 'sync_transform' must be .*synchronous function",
+        id="filter-sync",
+    ),
+    pytest.param(
+        lambda f: f.add_filter(agen_stage),
+        TypeError,
+        r"^filter 'agen_stage' must be .*async generator function.*only "
+        r"add_transformer\(\) takes those",
+        id="filter-async-generator",
+    ),
+    pytest.param(
+        lambda f: f.add_filter(two_args, name="pick"),
+        TypeError,
+        r"^filter 'pick' must be .*one argument",
+        id="filter-wrong-arity",
+    ),
+    pytest.param(
+        lambda f: f.add_filter(double, buffer_size=-1),
+        ValueError,
+        r"^filter 'double': buffer_size must be >= 0, got -1$",
+        id="filter-buffer-negative",
+    ),
+    pytest.param(
+        lambda f: f.add_filter(double, scaling_strategy=2),
+        TypeError,
+        r"^filter 'double': scaling_strategy must be a ScalingStrategy",
+        id="filter-strategy",
+    ),
+    pytest.param(
+        lambda f: f.add_filter(double, name=""),
+        TypeError,
+        r"^filter name must be a non-empty str",
+        id="filter-name-empty",
+    ),
+    # fan-out: an async generator function of one argument
+    pytest.param(
+        lambda f: f.add_transformer(needs_arg_gen, name="split", buffer_size=1.5),
+        TypeError,
+        r"^transformer 'split': buffer_size must be an int, got 1\.5$",
+        id="fan-out-buffer-float",
+    ),
+    pytest.param(
+        lambda f: f.add_transformer(sync_fan_out),
+        TypeError,
+        r"^transformer 'sync_fan_out' must be .*synchronous function",
+        id="fan-out-sync-generator",
+    ),
+    # batches
+    pytest.param(
+        lambda f: f.add_batch(0),
+        ValueError,
+        r"^batch 'batch': max_size must be >= 1, got 0$",
+        id="batch-size-zero",
+    ),
+    pytest.param(
+        lambda f: f.add_batch(-3, name="rows"),
+        ValueError,
+        r"^batch 'rows': max_size must be >= 1, got -3$",
+        id="batch-size-negative-named",
+    ),
+    pytest.param(
+        lambda f: f.add_batch(1.5),
+        TypeError,
+        r"^batch 'batch': max_size must be an int, got 1\.5$",
+        id="batch-size-float",
+    ),
+    pytest.param(
+        lambda f: f.add_batch(True),
+        TypeError,
+        r"^batch 'batch': max_size must be an int, got True$",
+        id="batch-size-bool",
+    ),
+    *_bad_seconds(
+        "batch-max-wait",
+        "batch 'batch': max_wait",
+        lambda value, f: f.add_batch(3, max_wait=value),
+    ),
+    pytest.param(
+        lambda f: f.add_batch(3, buffer_size=-1),
+        ValueError,
+        r"^batch 'batch': buffer_size must be >= 0, got -1$",
+        id="batch-buffer-negative",
+    ),
+    pytest.param(
+        lambda f: f.add_batch(3, buffer_size="8"),
+        TypeError,
+        r"^batch 'batch': buffer_size must be an int, got '8'$",
+        id="batch-buffer-str",
+    ),
+    pytest.param(
+        lambda f: f.add_batch(3, name=""),
+        TypeError,
+        r"^batch name must be a non-empty str, got ''$",
+        id="batch-name-empty",
+    ),
+    pytest.param(
+        lambda f: f.add_batch(3, name=7),
+        TypeError,
+        r"^batch name must be a non-empty str, got 7$",
+        id="batch-name-int",
+    ),
+    # the consumer takes no fan-out
+    pytest.param(
+        lambda f: f.set_consumer(fan_out, name="out"),
+        TypeError,
+        r"^consumer 'out' must be .*async generator function.*only "
+        r"add_transformer\(\) takes those",
+        id="consumer-fan-out",
+    ),
+]
+
+
+@pytest.mark.parametrize(("misconfigure", "error", "match"), OPERATOR_CONFIG_ERRORS)
+def test_operator_misconfiguration_is_rejected(
+    misconfigure: Misconfig, error: type[Exception], match: str
+) -> None:
+    flow = Flow()
+    with pytest.raises(error, match=match):
+        misconfigure(flow)
+    assert list(flow.stats()) == []  # nothing was added
+
+
+ON_MESSAGE = (
+    r"^Retry: on must be an Exception subclass or a non-empty tuple of them "
+    r"\(cancellation and BaseExceptions are never retried\), got "
+)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        pytest.param(
+            lambda: Retry(attempts=0),
+            ValueError,
+            r"^Retry: attempts must be >= 1, got 0$",
+            id="attempts-zero",
+        ),
+        pytest.param(
+            lambda: Retry(attempts=True),
+            TypeError,
+            r"^Retry: attempts must be an int, got True$",
+            id="attempts-bool",
+        ),
+        pytest.param(
+            lambda: Retry(attempts=1.5),
+            TypeError,
+            r"^Retry: attempts must be an int, got 1\.5$",
+            id="attempts-float",
+        ),
+        pytest.param(
+            lambda: Retry(on=BaseException),
+            TypeError,
+            ON_MESSAGE + r"<class 'BaseException'>$",
+            id="on-base-exception",
+        ),
+        pytest.param(
+            lambda: Retry(on=KeyboardInterrupt),
+            TypeError,
+            ON_MESSAGE + r"<class 'KeyboardInterrupt'>$",
+            id="on-keyboard-interrupt",
+        ),
+        pytest.param(
+            lambda: Retry(on=asyncio.CancelledError),
+            TypeError,
+            ON_MESSAGE + r"<class 'asyncio\.exceptions\.CancelledError'>$",
+            id="on-cancelled",
+        ),
+        pytest.param(
+            lambda: Retry(on=(ValueError, SystemExit)),
+            TypeError,
+            ON_MESSAGE + r"\(<class 'ValueError'>, <class 'SystemExit'>\)$",
+            id="on-tuple-with-base-exception",
+        ),
+        pytest.param(
+            lambda: Retry(on=()), TypeError, ON_MESSAGE + r"\(\)$", id="on-empty"
+        ),
+        pytest.param(
+            lambda: Retry(on="x"), TypeError, ON_MESSAGE + r"'x'$", id="on-str"
+        ),
+        pytest.param(
+            lambda: Retry(on=[ValueError]),
+            TypeError,
+            ON_MESSAGE + r"\[<class 'ValueError'>\]$",
+            id="on-list",
+        ),
+        pytest.param(
+            lambda: Retry(on=ValueError()),
+            TypeError,
+            ON_MESSAGE + r"ValueError\(\)$",
+            id="on-instance",
+        ),
+        pytest.param(
+            lambda: Retry(backoff=-1),
+            ValueError,
+            r"^Retry: backoff must be a finite number >= 0\.0, got -1$",
+            id="backoff-negative",
+        ),
+        pytest.param(
+            lambda: Retry(backoff=math.nan),
+            ValueError,
+            r"^Retry: backoff must be a finite number >= 0\.0, got nan$",
+            id="backoff-nan",
+        ),
+        pytest.param(
+            lambda: Retry(backoff="0.1"),
+            TypeError,
+            r"^Retry: backoff must be a number, got '0\.1'$",
+            id="backoff-str",
+        ),
+        pytest.param(
+            lambda: Retry(max_backoff=math.inf),
+            ValueError,
+            r"^Retry: max_backoff must be a finite number >= 0\.0, got inf$",
+            id="max-backoff-inf",
+        ),
+        pytest.param(
+            lambda: Retry(jitter=1),
+            TypeError,
+            r"^Retry: jitter must be a bool, got 1$",
+            id="jitter-int",
+        ),
+        pytest.param(
+            lambda: RateLimit(0),
+            ValueError,
+            r"^RateLimit: per_second must be a finite number > 0, got 0$",
+            id="rate-zero",
+        ),
+        pytest.param(
+            lambda: RateLimit(-1),
+            ValueError,
+            r"^RateLimit: per_second must be .*got -1$",
+            id="rate-negative",
+        ),
+        pytest.param(
+            lambda: RateLimit(math.nan),
+            ValueError,
+            r"^RateLimit: per_second must be a finite number.*got nan$",
+            id="rate-nan",
+        ),
+        pytest.param(
+            lambda: RateLimit(math.inf),
+            ValueError,
+            r"^RateLimit: per_second must be a finite number.*got inf$",
+            id="rate-inf",
+        ),
+        pytest.param(
+            lambda: RateLimit("5"),
+            TypeError,
+            r"^RateLimit: per_second must be a number, got '5'$",
+            id="rate-str",
+        ),
+        pytest.param(
+            lambda: RateLimit(1, burst=0),
+            ValueError,
+            r"^RateLimit: burst must be >= 1, got 0$",
+            id="burst-zero",
+        ),
+        pytest.param(
+            lambda: RateLimit(1, burst=1.5),
+            TypeError,
+            r"^RateLimit: burst must be an int, got 1\.5$",
+            id="burst-float",
+        ),
+    ],
+)
+def test_bad_retry_and_rate_limit_arguments(
+    make: Callable[[], object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_well_formed_retry_and_rate_limit_are_accepted() -> None:
+    assert Retry(on=ValueError).on == (ValueError,)
+    assert Retry(attempts=1, backoff=0, max_backoff=0, jitter=False).attempts == 1
+    assert RateLimit(0.5).burst == 1
+    flow = Flow()
+    flow.add_transformer(
+        double, ordered=True, timeout=0.5, retry=Retry(), rate_limit=RateLimit(2)
+    )
+    flow.add_transformer(fan_out, ordered=False, timeout=1)
+    flow.add_filter(double, name="keep", timeout=2.5)
+    flow.add_batch(1, max_wait=0.001, buffer_size=0)
+    flow.set_consumer(sink, timeout=1, retry=Retry(attempts=1), rate_limit=RateLimit(9))
+    assert list(flow.stats()) == ["double", "fan_out", "keep", "batch", "sink"]
+
+
+def test_duplicate_operator_names() -> None:
+    flow = Flow()
+    flow.add_filter(double, name="keep")
+    with pytest.raises(ValueError, match=r"a stage named 'keep' already exists"):
+        flow.add_filter(double, name="keep")
+    with pytest.raises(ValueError, match=r"a stage named 'keep' already exists"):
+        flow.add_batch(3, name="keep")
+    with pytest.raises(ValueError, match=r"a stage named 'keep' already exists"):
+        flow.add_transformer(fan_out, name="keep")
+    flow.add_batch(3)
+    with pytest.raises(ValueError, match=r"a stage named 'batch' already exists"):
+        flow.add_batch(3, name="batch")
+    with pytest.raises(ValueError, match=r"a stage named 'batch' already exists"):
+        flow.add_transformer(double, name="batch")
+    flow.add_batch(2)  # unnamed batches number themselves
+    flow.add_transformer(double, name="batch_3")
+    flow.add_batch(1)
+    with pytest.raises(ValueError, match=r"a stage named 'batch_4' already exists"):
+        flow.set_consumer(sink, name="batch_4")
+    assert list(flow.stats()) == ["keep", "batch", "batch_2", "batch_3", "batch_4"]
+
+
+def test_naming_a_batch_costs_nothing() -> None:
+    flow = Flow()
+    tracemalloc.start()
+    try:
+        flow.add_batch(3)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert list(flow.stats()) == ["batch"]
+    assert peak < 1_000_000, f"add_batch() allocated {peak} bytes at its peak"
+
+
+def test_failed_operator_configuration_leaves_the_flow_unchanged() -> None:
+    flow = Flow()
+    with pytest.raises(ValueError, match="max_wait"):
+        flow.add_batch(3, max_wait=0)
+    with pytest.raises(TypeError, match="ordered"):
+        flow.add_transformer(double, name="bad", ordered=1)
+    with pytest.raises(ValueError, match="timeout"):
+        flow.add_filter(double, name="bad", timeout=-1)
+    with pytest.raises(TypeError, match="retry"):
+        flow.set_consumer(sink, retry=3)
+    assert list(flow.stats()) == []
+    # the rejected names were not reserved
+    flow.add_batch(3)
+    flow.add_transformer(double, name="bad")
+    flow.set_consumer(sink)
+    assert list(flow.stats()) == ["batch", "bad", "sink"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("role", ["transformer", "filter", "consumer"])
+async def test_context_manager_yielding_an_async_generator_function(
+    anyio_backend: Any, role: str
+) -> None:
+    """A fan-out is an async generator function passed directly; one yielded by a
+    context manager is found when the worker enters it, and fails the run."""
+    exited = 0
+
+    @asynccontextmanager
+    async def yields_fan_out():  # type: ignore[no-untyped-def]
+        nonlocal exited
+        try:
+            yield fan_out
+        finally:
+            exited += 1
+
+    flow = Flow()
+    flow.set_producer(gen)
+    configure = {
+        "transformer": flow.add_transformer,
+        "filter": flow.add_filter,
+        "consumer": flow.set_consumer,
+    }[role]
+    configure(yields_fan_out, name="split")
+    if role != "consumer":
+        flow.set_consumer(sink)
+    with anyio.fail_after(10), pytest.raises(TypeError) as info:
+        await flow.run()
+    message = str(info.value)
+    assert message.startswith(
+        f"{role} 'split': the context manager yielded the async generator function"
+    )
+    assert "a fan-out stage is passed to add_transformer() directly" in message
+    assert any(note.startswith("flowrhythm:") for note in info.value.__notes__)
+    assert exited == 1
+    for stage in flow.stats().values():
+        assert stage.received == stage.processed + stage.errors + stage.dropped
