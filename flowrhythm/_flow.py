@@ -53,7 +53,9 @@ class Flow:
     :param buffer_size: the capacity of each stage's input buffer, unless the stage
         sets its own
     :param clock: the time source for stats and scaling (default: the event loop's
-        clock); tests pass a fake one
+        clock); if it also has an async ``sleep(seconds)`` method, batching
+        windows, retry backoff, rate limits and timeouts wait on it too (see
+        :class:`flowrhythm.testing.ManualClock`)
     """
 
     def __init__(

@@ -20,7 +20,8 @@ class StageStats:
     busy_workers: int
     #: workers waiting for input
     idle_workers: int
-    #: workers that finished an item and wait for room downstream (back-pressure)
+    #: workers held back: they finished an item and wait for room downstream
+    #: (back-pressure), or, in an ordered stage, wait for room in the reorder window
     blocked_workers: int
     #: items in the stage's input buffer, or being handed to it by an upstream sender
     queue_length: int
