@@ -57,7 +57,9 @@ class Timebase:
         if self._custom_sleep is None:
             return anyio.CancelScope(deadline=anyio.current_time() + seconds)
         assert self._task_group is not None
-        return _WatchedScope(self._task_group, self._custom_sleep, seconds)
+        return _WatchedScope(
+            self._task_group, self.now, self._custom_sleep, self.now() + seconds
+        )
 
 
 class _WatchedScope:
@@ -70,12 +72,15 @@ class _WatchedScope:
     def __init__(
         self,
         task_group: anyio.abc.TaskGroup,
+        now: Callable[[], float],
         sleep: Callable[[float], Awaitable[Any]],
-        seconds: float,
+        deadline: float,
     ) -> None:
         self._task_group = task_group
+        self._now = now
         self._sleep = sleep
-        self._seconds = seconds
+        # Absolute: the clock may move before the watcher first runs.
+        self._deadline = deadline
         self._scope = anyio.CancelScope()
         self._watcher = anyio.CancelScope()
 
@@ -99,5 +104,5 @@ class _WatchedScope:
 
     async def _watch(self) -> None:
         with self._watcher:
-            await self._sleep(self._seconds)
+            await self._sleep(self._deadline - self._now())
             self._scope.cancel()
