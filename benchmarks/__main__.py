@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks                         # ~4-5 min on 2 cores
+    python -m benchmarks                         # ~8 min on 2 cores
     python -m benchmarks --json benchmarks/results/all.json
     python -m benchmarks --only throughput,latency
     python -m benchmarks --quick                 # smoke test, ~1 min
@@ -15,11 +15,15 @@ further):
   at 1 and 4 workers per stage on every backend, 5 interleaved rounds, medians;
 - iobound: one 10 ms stage at 1, 4, 16, 64 workers against workers / 10 ms;
 - memory: peak RSS at 1M and 5M items, traced memory at 200k and 1M: flat?
-- latency: items processed between checkpoints and after a cancel.
+- latency: items processed between checkpoints and after a cancel;
+- operators: ordered vs unordered with random latency (and aiostream's ordered
+  map), batching, the per-item cost of each stage option, a plain stage against
+  anyio-fast (``operators.py``; fewer rounds and shorter runs than standalone).
 
 Each section prints its full report as it finishes; the summary comes last.
 The exit status is 1 if a contender failed, memory was not flat or a
-cancellation overran its bound.
+cancellation overran its bound, or an ordered stage's reorder window
+outgrew its bound.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import _harness as h
-from . import iobound, latency, memory, peers, throughput
+from . import iobound, latency, memory, operators, peers, throughput
 
-SECTIONS = ("throughput", "iobound", "memory", "latency")
+SECTIONS = ("throughput", "iobound", "memory", "latency", "operators")
 
 
 def _sub_args(
@@ -78,11 +82,20 @@ def latency_argv(quick: bool) -> list[str]:
     return ["--trials", "3" if quick else "20", "--workers", "1,4"]
 
 
+def operators_argv(quick: bool) -> list[str]:
+    if quick:
+        return ["--quick"]
+    # Three rounds of 0.1 s latency runs (the head-of-line ones take several
+    # times that) and 40k-item runs elsewhere: about 3 minutes.
+    return ["--rounds", "3", "--seconds", "0.1", "--items", "40000"]
+
+
 def summary(
     tp: throughput.Outcome | None,
     io: list[iobound.IoResult] | None,
     mem: list[memory.MemResult] | None,
     lat: list[latency.LatencyResult] | None,
+    ops: operators.Outcome | None = None,
 ) -> tuple[str, bool]:
     """The closing summary, and whether everything passed."""
     ok = True
@@ -180,6 +193,11 @@ def summary(
                 f"{', EXCEEDED' if over else ''}); cancel→return median "
                 f"{lat_r.median_cancel_us:,.0f} µs"
             )
+    if ops is not None:
+        lines, ops_ok = operators.summary(ops)
+        out.append("")
+        out.extend(lines)
+        ok = ok and ops_ok
     out.append("")
     out.append(f"overall: {'PASS' if ok else 'FAIL'}")
     return "\n".join(out), ok
@@ -188,8 +206,8 @@ def summary(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Throughput (with peers), I/O-bound, memory and latency, "
-        "with one summary.",
+        description="Throughput (with peers), I/O-bound, memory, latency and "
+        "operators, with one summary.",
     )
     parser.add_argument(
         "--only",
@@ -217,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine,
     }
     took: dict[str, float] = {}
-    tp = io = mem = lat = None
+    tp = io = mem = lat = ops = None
 
     def section(name: str) -> None:
         print(f"\n{'-' * 24} {name} {'-' * 24}", flush=True)
@@ -271,7 +289,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         took["latency"] = time.perf_counter() - start
 
-    text, ok = summary(tp, io, mem, lat)
+    if "operators" in only:
+        section("operators")
+        start = time.perf_counter()
+        ops_args = _sub_args(
+            operators.add_arguments,
+            operators.check_arguments,
+            operators_argv(args.quick),
+        )
+        ops = operators.run(ops_args)
+        print(operators.report(ops_args, ops), flush=True)
+        payload["operators"] = operators.as_json(ops_args, ops)
+        took["operators"] = time.perf_counter() - start
+
+    text, ok = summary(tp, io, mem, lat, ops)
     print(text)
     print("took: " + ", ".join(f"{name} {s:.0f} s" for name, s in took.items()))
     payload["took_s"] = took
