@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks                         # ~8 min on 2 cores
+    python -m benchmarks                         # ~7 min on 2 cores
     python -m benchmarks --json benchmarks/results/all.json
     python -m benchmarks --only throughput,latency
     python -m benchmarks --quick                 # smoke test, ~1 min
@@ -86,7 +86,7 @@ def operators_argv(quick: bool) -> list[str]:
     if quick:
         return ["--quick"]
     # Three rounds of 0.1 s latency runs (the head-of-line ones take several
-    # times that) and 40k-item runs elsewhere: about 3 minutes.
+    # times that) and 40k-item runs elsewhere: about 2 minutes.
     return ["--rounds", "3", "--seconds", "0.1", "--items", "40000"]
 
 

@@ -150,7 +150,7 @@ class Flow:
 
     def add_filter(
         self,
-        predicate: Transformer,
+        predicate: Consumer,
         *,
         name: str | None = None,
         scaling_strategy: ScalingStrategy | None = None,

@@ -1,9 +1,11 @@
 """``ordered=True``: many workers, outputs in input order, bounded memory.
 
 Each item gets a sequence number in the same step as the worker takes it. Only
-one worker at a time may wait in the input's receive (the intake): a worker
-resumed from that wait numbers its item before any sibling can take the next
-one without waiting, so numbers follow the input's order.
+one worker at a time may wait in the input's receive (the intake lock), and
+while one does, nobody takes an item without waiting: an item handed to that
+parked worker is numbered when it resumes, before any sibling can take a later
+one, so numbers follow the input's order. The rest of the time, workers take
+and number items without waiting.
 
 A finished item waits in ``done`` until every earlier one has been emitted or
 has failed; whichever worker finishes the next-needed item emits it and every
@@ -45,6 +47,9 @@ class Reorder:
         self.done: dict[int, tuple[Any, bool]] = {}
         self.flushing = False
         self.intake = anyio.Lock()
+        #: a worker waits in the input's receive(); an item handed to it is not
+        #: numbered until it resumes
+        self.parked = False
         self._room: anyio.Event | None = None
 
     def full(self) -> bool:
@@ -62,7 +67,7 @@ class Reorder:
     def take_nowait(self) -> Any:
         """The next item, numbered, if one can be taken without waiting; else
         ``None`` (or ``END``)."""
-        if self.intake.locked() or self.full():
+        if self.parked or self.full():
             return None
         try:
             item = self.stage.inbox.receive_nowait()
@@ -81,7 +86,11 @@ class Reorder:
             async with self.intake:
                 if self.full():
                     continue  # a sibling took the room first
-                item = await self.stage.inbox.receive()
+                self.parked = True
+                try:
+                    item = await self.stage.inbox.receive()
+                finally:
+                    self.parked = False
                 return self.number(item)
 
     async def _wait_for_room(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeAlias
 
@@ -11,12 +11,14 @@ ItemFunction: TypeAlias = Callable[[Any], Awaitable[Any]]
 #: ``async def handler(item, exc)``
 ErrorFunction: TypeAlias = Callable[[Any, BaseException], Awaitable[Any]]
 
-#: a transformer or consumer: an async function, or a zero-argument factory of async
+#: a consumer (or filter): an async function, or a zero-argument factory of async
 #: context managers yielding one (entered once per worker)
-Transformer: TypeAlias = (
+Consumer: TypeAlias = (
     ItemFunction | Callable[[], AbstractAsyncContextManager[ItemFunction]]
 )
-Consumer: TypeAlias = Transformer
+#: a transformer: what a consumer may be, or an async generator function emitting
+#: 0..n items per input (fan-out)
+Transformer: TypeAlias = Consumer | Callable[[Any], AsyncIterator[Any]]
 #: an async function ``(item, exc)``, or a factory of async context managers
 #: yielding one (entered once per run)
 ErrorHandler: TypeAlias = (
