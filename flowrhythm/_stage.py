@@ -70,6 +70,8 @@ class Stage:
         #: workers on their way out, and workers waiting for them to be gone
         self.retiring = 0
         self.deferred = 0
+        #: tasks of retired workers on their way out (still counted in retiring)
+        self._leaving: set[int] = set()
         self.policy = CallPolicy(
             plan.call.role,
             counters,
@@ -237,6 +239,11 @@ class Stage:
             if not entered:
                 counters.idle -= 1
             counters.workers -= 1
+            if self._leaving:
+                task = anyio.get_current_task().id
+                if task in self._leaving:
+                    self._leaving.discard(task)
+                    self.retiring -= 1
             if self.deferred and self.spawn():
                 self.deferred -= 1
             self._check_done()
@@ -381,12 +388,21 @@ class Stage:
                 item = END
             finally:
                 self._idle_scopes.pop(scope, None)
+        if item is END or item is RETIRED:
+            if scope.cancel_called:
+                # Leaving: counted as retiring until its task is gone (its context
+                # manager may still take a while to exit), see _worker.
+                self._leaving.add(anyio.get_current_task().id)
+            return item
         if scope.cancel_called:
-            # Picked for retirement. If an item (or the end) arrived in the very same
-            # step, the cancellation was not delivered: keep the item, stay.
+            # Picked for retirement, but an item arrived in the very same step (the
+            # cancellation was not delivered): keep the item, stay. The pool is one
+            # larger than the scaler asked for, so a spawn waiting for this worker
+            # to go is not needed any more.
             self.retiring -= 1
-        if item is not END and item is not RETIRED:
-            self.counters.last_dequeue_at = self.run.clock()
+            if self.deferred:
+                self.deferred -= 1
+        self.counters.last_dequeue_at = self.run.clock()
         return item
 
     # -- building blocks of the operator loops (not the two hot loops above) ----------

@@ -1742,3 +1742,101 @@ async def test_operators_combined_conserve_items_and_order(anyio_backend: Any) -
     assert stats["double"].errors == failed["double"]
     assert stats["explode"].errors == failed["explode"]
     assert sum(s.dropped for s in stats.values()) == 0
+
+
+# -- the window counts the workers that run, not the ones on their way ------------
+
+
+class _Scripted(ScalingStrategy):
+    """Starts at ``max_workers``; ``on_enqueue`` answers from a script keyed by how
+    many items were offered so far; no sampling timer."""
+
+    min_workers = 0
+    sampling_events = 1
+    sampling_period = 0.0
+
+    def __init__(self, max_workers: int, script: dict[int, int]) -> None:
+        self.max_workers = max_workers
+        self.script = script
+        self.offered = 0
+
+    def initial_workers(self) -> int:
+        return self.max_workers
+
+    def for_stage(self, stage_name: str) -> _Scripted:
+        return self
+
+    def on_enqueue(self, stats: StageStats) -> int:
+        self.offered += 1
+        return self.script.get(self.offered, 0)
+
+
+@pytest.mark.parametrize(
+    ("max_workers", "script", "slow_exit"),
+    [
+        # A retired worker is handed an item in the very step it is picked: it
+        # keeps the item and stays, so the spawn deferred for its slot is void.
+        pytest.param(2, {3: -1, 4: +1}, False, id="retiree-keeps-an-item"),
+        # A retired worker still runs its context manager's exit: it counts as
+        # retiring until its task is gone.
+        pytest.param(3, {2: -1, 3: +1}, True, id="retiree-in-its-exit"),
+    ],
+)
+async def test_window_is_bounded_while_workers_retire_and_grow_back(
+    anyio_backend: Any, max_workers: int, script: dict[int, int], slow_exit: bool
+) -> None:
+    """Shrink then grow while a retiring worker still holds its task slot: the
+    window never exceeds 4 x max_workers (found by the soak)."""
+    items = 60
+    head_called = anyio.Event()
+    release_head = anyio.Event()
+    exit_gate = anyio.Event()
+
+    async def produce() -> AsyncIterator[int]:
+        yield 0
+        await head_called.wait()
+        await anyio.wait_all_tasks_blocked()  # the head blocks, the others idle
+        for item in range(1, items):
+            yield item  # the scripted items go out in one step
+
+    async def work(item: int) -> int:
+        if item == 0:
+            head_called.set()
+            await release_head.wait()
+        return item
+
+    @asynccontextmanager
+    async def per_worker() -> AsyncIterator[Any]:
+        try:
+            yield work
+        finally:
+            await exit_gate.wait()
+
+    out: list[int] = []
+
+    async def sink(item: int) -> None:
+        out.append(item)
+
+    flow = Flow(buffer_size=1)
+    flow.set_producer(produce)
+    flow.add_transformer(
+        per_worker if slow_exit else work,
+        name="ordered",
+        scaling_strategy=_Scripted(max_workers, script),
+        ordered=True,
+    )
+    flow.set_consumer(sink, scaling_strategy=FixedScaling(1), buffer_size=64)
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flow.run)
+            await head_called.wait()
+            while True:  # until the window stops growing
+                await anyio.wait_all_tasks_blocked()
+                before = flow.stats()["ordered"].reorder_window
+                await anyio.wait_all_tasks_blocked()
+                if flow.stats()["ordered"].reorder_window == before:
+                    break
+            release_head.set()
+            exit_gate.set()
+    assert out == list(range(items))
+    assert flow.stats()["ordered"].reorder_window_peak <= 4 * max_workers
