@@ -1551,7 +1551,7 @@ def main(argv: list[str] | None = None) -> int:
         "--early-stops",
         action="store_true",
         help="also stop flows hosted by tg.start()/async with before their start "
-        "has returned (a known bug makes such runs fail today)",
+        "has returned",
     )
     parser.add_argument(
         "--no-operators",
