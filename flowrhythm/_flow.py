@@ -461,8 +461,19 @@ class Flow:
                 add_note(exc, f"the flow also failed while stopping: {run.fatal!r}")
             return None
         if exc is not None:
-            # Cancelled: from outside, or by us because the flow failed.
-            handled = await host.__aexit__(exc_type, exc, tb)
+            # Cancelled: from outside, or by us because the flow failed. A fatal
+            # error of the flow wins over the cancellation, as with run().
+            try:
+                handled = await host.__aexit__(exc_type, exc, tb)
+            except BaseException:
+                if (
+                    run is not None
+                    and run.fatal is not None
+                    and not self._failure_delivered
+                ):
+                    self._failure_delivered = True
+                    raise run.fatal from None
+                raise
             if (
                 run is not None
                 and run.fatal is not None

@@ -232,7 +232,7 @@ class Run:
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
-                self.timebase.bind(tg)
+                self.timebase.bind(tg, self.fail)
                 self._last_stage_done = stages[-1].done
                 # Started in order, so each stage takes items before anything sends.
                 for stage, initial in zip(stages, initials, strict=True):
@@ -251,6 +251,13 @@ class Run:
                     ),
                 )
                 task_status.started()
+                try:
+                    await stages[-1].done.wait()
+                except anyio.get_cancelled_exc_class():
+                    # Cancelled from outside (or aborted): bound every cleanup from
+                    # now on, even one that keeps its stage's task group open.
+                    self.cancelling()
+                    raise
         finally:
             # Stages and the producer close their own ends; a run that failed
             # before starting them must not leak the rest.

@@ -40,10 +40,17 @@ class Timebase:
             sleep if callable(sleep) else None
         )
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._fail: Callable[[BaseException, str], None] | None = None
 
-    def bind(self, task_group: anyio.abc.TaskGroup) -> None:
-        """Where a custom clock's deadline watchers run (the run's task group)."""
+    def bind(
+        self,
+        task_group: anyio.abc.TaskGroup,
+        fail: Callable[[BaseException, str], None],
+    ) -> None:
+        """Where a custom clock's deadline watchers run (the run's task group),
+        and what to do when that clock fails in one (fail the run)."""
         self._task_group = task_group
+        self._fail = fail
 
     async def sleep(self, seconds: float) -> None:
         if self._custom_sleep is None:
@@ -57,8 +64,13 @@ class Timebase:
         if self._custom_sleep is None:
             return anyio.CancelScope(deadline=anyio.current_time() + seconds)
         assert self._task_group is not None
+        assert self._fail is not None
         return _WatchedScope(
-            self._task_group, self.now, self._custom_sleep, self.now() + seconds
+            self._task_group,
+            self._fail,
+            self.now,
+            self._custom_sleep,
+            self.now() + seconds,
         )
 
 
@@ -72,11 +84,13 @@ class _WatchedScope:
     def __init__(
         self,
         task_group: anyio.abc.TaskGroup,
+        fail: Callable[[BaseException, str], None],
         now: Callable[[], float],
         sleep: Callable[[float], Awaitable[Any]],
         deadline: float,
     ) -> None:
         self._task_group = task_group
+        self._fail = fail
         self._now = now
         self._sleep = sleep
         # Absolute: the clock may move before the watcher first runs.
@@ -103,6 +117,16 @@ class _WatchedScope:
         return bool(self._scope.__exit__(exc_type, exc, tb))
 
     async def _watch(self) -> None:
+        if self._watcher.cancel_called:
+            return  # the scope was left before this task first ran
         with self._watcher:
-            await self._sleep(self._deadline - self._now())
+            try:
+                # Until the deadline has passed, in case the sleep returns early.
+                while (left := self._deadline - self._now()) > 0:
+                    await self._sleep(left)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception as exc:
+                self._fail(exc, "raised by the flow's clock")
+                return
             self._scope.cancel()

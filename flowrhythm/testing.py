@@ -15,8 +15,8 @@ or let the clock jump to the next deadline whenever every task is waiting::
     async with clock.autojump():
         await flow.run()
 
-Scaling's ``sampling_period`` timer is the one wait that stays on the event
-loop's clock.
+Waits that stay on the event loop's clock: scaling's ``sampling_period``
+timer, ``stop(timeout=...)`` and the bound on cleanups after a cancellation.
 """
 
 from __future__ import annotations
