@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._errors import add_note
+from .scaling import _check_int
 
 if TYPE_CHECKING:
     from ._cleanup import Cleanups
@@ -287,13 +288,6 @@ class CallPolicy:
         with self.timebase.deadline(self.timeout) as scope:
             return await outputs.__anext__()
         raise self.timed_out(scope)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 def _check_seconds(name: str, value: object, *, minimum: float) -> None:
