@@ -26,15 +26,6 @@ TIMED_OUT = object()  # a batch's max_wait passed first
 ItemCall = Callable[[Any], Awaitable[Any]]
 
 
-async def pace(stage: Stage, budget: int) -> int:
-    """Count one item against the checkpoint budget; yield when it runs out."""
-    budget -= 1
-    if budget:
-        return budget
-    await stage.pause()
-    return CHECKPOINT_EVERY
-
-
 async def filter_loop(stage: Stage, predicate: ItemCall) -> None:
     """Pass on the items for which ``predicate`` is true; count the others."""
     predicate = stage.policy.wrap(predicate)
@@ -56,7 +47,10 @@ async def filter_loop(stage: Stage, predicate: ItemCall) -> None:
             else:
                 counters.filtered += 1
         del item
-        budget = await pace(stage, budget)
+        budget -= 1
+        if not budget:  # (inline: a helper coroutine per item costs more)
+            budget = CHECKPOINT_EVERY
+            await stage.pause()
         item = await stage.take()
     stage.exhausted = item is END
 
@@ -79,7 +73,10 @@ async def fan_out_loop(stage: Stage, gen_fn: Callable[[Any], Any]) -> None:
         else:
             await on_error(stage, item, failure)
         del item
-        budget = await pace(stage, budget)
+        budget -= 1
+        if not budget:
+            budget = CHECKPOINT_EVERY
+            await stage.pause()
         item = await stage.take()
     stage.exhausted = item is END
 
@@ -128,7 +125,10 @@ async def batch_loop(stage: Stage, _unused: object) -> None:
             max_wait is not None and now() - opened >= max_wait
         ):
             await flush()
-        budget = await pace(stage, budget)
+        budget -= 1
+        if not budget:
+            budget = CHECKPOINT_EVERY
+            await stage.pause()
         item = await stage.take(
             receive_until_due if batch and max_wait is not None else None
         )

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._loops import CHECKPOINT_EVERY, END, RETIRED, pace
+from ._loops import CHECKPOINT_EVERY, END, RETIRED
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -165,7 +165,10 @@ async def ordered_loop(stage: Stage, fn: Callable[[Any], Any]) -> None:
             await on_error(stage, item, failure)
             del failure
         del item
-        budget = await pace(stage, budget)
+        budget -= 1
+        if not budget:
+            budget = CHECKPOINT_EVERY
+            await stage.pause()
         taken = order.take_nowait()
         if taken is None:
             stage.counters.idle += 1
