@@ -123,8 +123,8 @@ async def run_flowrhythm_utilization(n_items: int, workers: int) -> None:
 
 
 class _DecideOnly(UtilizationScaling):
-    """Consulted exactly like ``UtilizationScaling``, but every decision is
-    discarded: the pool keeps its initial size."""
+    """``UtilizationScaling``'s decisions through its public hooks, each handed a
+    ``StageStats`` snapshot (as any custom strategy is), every answer discarded."""
 
     def on_enqueue(self, stats: StageStats) -> int:
         super().on_enqueue(stats)
@@ -140,12 +140,13 @@ class _DecideOnly(UtilizationScaling):
 
 
 async def run_flowrhythm_sampling(n_items: int, workers: int) -> None:
-    """``flowrhythm-utilization`` minus the scaling: the controller's own cost.
+    """The cost of a custom strategy's consults: a snapshot and a decision every
+    ``sampling_events`` items in and out of each stage, and no scaling.
 
-    On this CPU-bound workload ``UtilizationScaling`` finds every stage busy with a
-    queue and grows it, and more workers only add task switches on one event
-    loop; this contender samples and decides the same way but never scales, so
-    the difference to ``flowrhythm`` is the sampling alone.
+    A plain ``UtilizationScaling`` (``flowrhythm-utilization``) is asked straight
+    from the live counters instead; a subclass that overrides a hook, like this
+    one, gets a snapshot per consult, and the difference to ``flowrhythm`` is
+    what those snapshots cost.
     """
     await _run_flow(
         n_items,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from ._errors import add_note
+from .scaling import live_decider
 
 logger = logging.getLogger("flowrhythm")
 
@@ -46,6 +47,8 @@ class Controller:
         self.period = 0.0 if fixed else float(getattr(strategy, "sampling_period", 0.0))
         counters = stage.counters
         counters.enqueue_gate = counters.dequeue_gate = self.events or NEVER
+        #: the built-in strategy's decision on live counters (no snapshot), if any
+        self._live = live_decider(strategy)
 
     def start(self, task_group: anyio.abc.TaskGroup) -> None:
         if self.period > 0:
@@ -63,14 +66,14 @@ class Controller:
             self._scale_to(1, self.stage.run.clock())
         if self.events:
             counters.enqueue_gate = counters.offered + self.events
-            self._consult(self.strategy.on_enqueue, "on_enqueue")
+            self._consult("on_enqueue")
         else:
             counters.enqueue_gate = NEVER
 
     def on_dequeue_gate(self) -> None:
         counters = self.stage.counters
         counters.dequeue_gate = counters.taken + self.events
-        self._consult(self.strategy.on_dequeue, "on_dequeue")
+        self._consult("on_dequeue", caller_busy=True)
 
     async def _tick(self) -> None:
         done = self.stage.done
@@ -78,20 +81,28 @@ class Controller:
             with anyio.move_on_after(self.period):
                 await done.wait()
             if not done.is_set():
-                self._consult(self.strategy.on_tick, "on_tick")
+                self._consult("on_tick")
 
     # -- decisions --------------------------------------------------------------------
 
-    def _consult(self, hook: Callable[[StageStats], int], name: str) -> None:
+    def _consult(self, name: str, *, caller_busy: bool = False) -> None:
+        """Ask the strategy's hook ``name`` for a change and apply it.
+
+        ``caller_busy``: the worker asking holds the item it just took (on_dequeue).
+        """
         stage = self.stage
         now = stage.run.clock()
         try:
-            delta = hook(stage.counters.snapshot(now))
-            if isinstance(delta, bool) or not isinstance(delta, int):
-                raise TypeError(
-                    f"{name}() must return an int (the change in workers), "
-                    f"got {delta!r}"
-                )
+            if self._live is not None:
+                delta = self._live(stage.counters, now, caller_busy)
+            else:
+                hook: Callable[[StageStats], int] = getattr(self.strategy, name)
+                delta = hook(stage.counters.snapshot(now))
+                if isinstance(delta, bool) or not isinstance(delta, int):
+                    raise TypeError(
+                        f"{name}() must return an int (the change in workers), "
+                        f"got {delta!r}"
+                    )
         except Exception as exc:
             add_note(exc, f"raised by the scaling strategy of {stage.plan.call.role}")
             stage.run.fail(exc, "")

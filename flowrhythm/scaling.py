@@ -7,7 +7,9 @@ import math
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from ._stats import StageStats
+    from collections.abc import Callable
+
+    from ._stats import StageCounters, StageStats
 
 __all__ = (
     "FixedScaling",
@@ -207,16 +209,16 @@ class UtilizationScaling(ScalingStrategy):
         return max(self.min_workers, 1)
 
     def on_enqueue(self, stats: StageStats) -> int:
-        return self._decide(stats)
+        return self._decide_stats(stats)
 
     def on_dequeue(self, stats: StageStats) -> int:
         # The worker asking has just taken an item: it is busy by definition, and
         # counting it would make a one-worker stage read as fully used on every
         # dequeue. Sample the rest of the pool.
-        return self._decide(stats, caller_busy=True)
+        return self._decide_stats(stats, caller_busy=True)
 
     def on_tick(self, stats: StageStats) -> int:
-        return self._decide(stats)
+        return self._decide_stats(stats)
 
     def for_stage(self, stage_name: str) -> UtilizationScaling:
         clone = copy.copy(self)
@@ -225,11 +227,62 @@ class UtilizationScaling(ScalingStrategy):
         clone._queue = None
         return clone
 
-    def _decide(self, stats: StageStats, *, caller_busy: bool = False) -> int:
+    def _decide_stats(self, stats: StageStats, *, caller_busy: bool = False) -> int:
+        return self._decide(
+            stats.busy_workers,
+            stats.idle_workers,
+            stats.ready_workers,
+            stats.blocked_workers,
+            stats.blocked_sends,
+            stats.queue_length,
+            stats.total_workers(),
+            stats.sampled_at,
+            stats.last_scale_up_at,
+            stats.last_scale_down_at,
+            caller_busy,
+        )
+
+    def _decide_live(
+        self, counters: StageCounters, now: float, caller_busy: bool
+    ) -> int:
+        """:meth:`_decide` on a running stage's live counters: the hooks' answer
+        without building a :class:`StageStats` (the runtime's fast path, taken
+        when no hook is overridden)."""
+        idle = counters.idle
+        ready = counters.ready
+        blocked = counters.blocked
+        workers = counters.workers
+        return self._decide(
+            workers - idle - blocked - counters.throttled - ready,
+            idle,
+            ready,
+            blocked,
+            counters.blocked_sends,
+            counters.offered - counters.taken,
+            workers,
+            now,
+            counters.last_scale_up_at,
+            counters.last_scale_down_at,
+            caller_busy,
+        )
+
+    def _decide(
+        self,
+        busy: int,
+        idle: int,
+        ready: int,
+        blocked: int,
+        blocked_sends: int,
+        queue: int,
+        total: int,
+        now: float | None,
+        last_scale_up_at: float | None,
+        last_scale_down_at: float | None,
+        caller_busy: bool,
+    ) -> int:
         # Ready workers (waiting for the event loop between items) are not busy:
         # a stage that is short of CPU, not of workers, must not grow.
-        busy = stats.busy_workers
-        working = busy + stats.idle_workers + stats.ready_workers
+        working = busy + idle + ready
         if caller_busy and busy:
             busy -= 1
             working -= 1
@@ -246,16 +299,12 @@ class UtilizationScaling(ScalingStrategy):
             return 0
         # Any send that had to wait since the last decision means downstream, not
         # this stage, limits the flow: more workers here would only wait too.
-        held_back = (
-            stats.blocked_workers > 0 or stats.blocked_sends > self._blocked_sends
-        )
-        self._blocked_sends = stats.blocked_sends
+        held_back = blocked > 0 or blocked_sends > self._blocked_sends
+        self._blocked_sends = blocked_sends
         # A queue that shrank since the last decision is already being worked off:
         # growing more would overshoot (the backlog keeps every worker busy).
-        queue = stats.queue_length
         draining = self._queue is not None and queue < self._queue
         self._queue = queue
-        total = stats.total_workers()
         if (
             average >= self.upper_utilization
             and queue > 0
@@ -267,14 +316,11 @@ class UtilizationScaling(ScalingStrategy):
         if (
             average <= self.lower_utilization
             and total > self.min_workers
-            and stats.idle_workers > 0
+            and idle > 0
             and queue == 0
         ):
-            now = stats.sampled_at
             events = [
-                t
-                for t in (stats.last_scale_up_at, stats.last_scale_down_at)
-                if t is not None
+                t for t in (last_scale_up_at, last_scale_down_at) if t is not None
             ]
             if now is None or not events or now - max(events) >= self.cooldown_seconds:
                 return -self.downscaling_rate
@@ -292,6 +338,26 @@ class UtilizationScaling(ScalingStrategy):
             f"sampling_period={self.sampling_period}, "
             f"sampling_events={self.sampling_events})"
         )
+
+
+def live_decider(
+    strategy: ScalingPolicy,
+) -> Callable[[StageCounters, float, bool], int] | None:
+    """Return the built-in strategy's decision on live counters, or ``None``.
+
+    A :class:`UtilizationScaling` whose hooks nobody overrode answers straight
+    from the stage's counters: the same answer as its hooks, without a snapshot
+    per consult (which costs most of a consult). Any other strategy, subclasses
+    that override a hook included, is consulted through its hooks.
+    """
+    if not isinstance(strategy, UtilizationScaling):
+        return None
+    cls = type(strategy)
+    base = UtilizationScaling
+    for name in ("on_enqueue", "on_dequeue", "on_tick", "_decide_stats", "_decide"):
+        if getattr(cls, name) is not getattr(base, name) or name in vars(strategy):
+            return None
+    return strategy._decide_live
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

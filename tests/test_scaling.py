@@ -14,6 +14,8 @@ from typing import Any
 import anyio
 import pytest
 from anyio.lowlevel import checkpoint
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowrhythm import (
     FixedScaling,
@@ -22,6 +24,8 @@ from flowrhythm import (
     StageStats,
     UtilizationScaling,
 )
+from flowrhythm._stats import StageCounters
+from flowrhythm.scaling import live_decider
 
 pytestmark = pytest.mark.anyio
 
@@ -353,6 +357,89 @@ def test_custom_strategy_for_stage_is_a_copy() -> None:
     assert copy.initial_workers() == 1
     assert copy.on_enqueue(snapshot()) == copy.on_dequeue(snapshot()) == 0
     assert copy.on_tick(snapshot()) == 0
+
+
+# -- the runtime's fast path for UtilizationScaling -------------------------------------
+
+#: one consult: (hook, workers, idle, blocked, throttled, ready, queued, taken,
+#: blocked_sends, last_scale_up_at, last_scale_down_at, now)
+_consults = st.tuples(
+    st.sampled_from(["on_enqueue", "on_dequeue", "on_tick"]),
+    st.integers(0, 4),
+    st.integers(0, 4),
+    st.integers(0, 2),
+    st.integers(0, 1),
+    st.integers(0, 2),
+    st.integers(0, 3),
+    st.integers(0, 10_000),
+    st.integers(0, 3),
+    st.one_of(st.none(), st.floats(0, 20)),
+    st.one_of(st.none(), st.floats(0, 20)),
+    st.floats(0, 40),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(_consults, min_size=1, max_size=30),
+    st.sampled_from([0.5, 1.0, 0.3]),
+    st.integers(0, 2),
+    st.sampled_from([0.0, 10.0]),
+)
+def test_the_live_decision_is_the_hooks_decision(
+    consults: list[tuple[Any, ...]], dampening: float, min_workers: int, cooldown: float
+) -> None:
+    """The runtime asks a plain UtilizationScaling straight from the live counters;
+    over any sequence of consults it must answer exactly what its hooks answer
+    when given the same moments as snapshots."""
+    template = UtilizationScaling(
+        min_workers=min_workers,
+        max_workers=min_workers + 6,
+        dampening=dampening,
+        cooldown_seconds=cooldown,
+    )
+    live = template.for_stage("x")
+    hooks = template.for_stage("x")
+    decide = live_decider(live)
+    assert decide is not None
+    counters = StageCounters("x")
+    for consult in consults:
+        hook, workers, idle, blocked, throttled, ready, queued = consult[:7]
+        taken, blocked_sends, up, down, now = consult[7:]
+        counters.workers = workers + idle + blocked + throttled + ready
+        counters.idle = idle
+        counters.blocked = blocked
+        counters.throttled = throttled
+        counters.ready = ready
+        counters.taken = taken
+        counters.offered = taken + queued
+        counters.blocked_sends = blocked_sends
+        counters.last_scale_up_at = up
+        counters.last_scale_down_at = down
+        expected = getattr(hooks, hook)(counters.snapshot(now))
+        assert decide(counters, now, hook == "on_dequeue") == expected, consult
+
+
+def test_only_an_unmodified_utilization_scaling_takes_the_fast_path() -> None:
+    class Tuned(UtilizationScaling):
+        def __init__(self) -> None:
+            super().__init__(max_workers=3)
+
+    class Spied(UtilizationScaling):
+        def on_dequeue(self, stats: StageStats) -> int:
+            return super().on_dequeue(stats)
+
+    class Mine(ScalingStrategy):
+        max_workers = 3
+
+    patched = UtilizationScaling()
+    patched.on_tick = lambda stats: 0  # type: ignore[method-assign]
+    assert live_decider(UtilizationScaling()) is not None
+    assert live_decider(Tuned().for_stage("a")) is not None
+    assert live_decider(Spied()) is None
+    assert live_decider(patched) is None
+    assert live_decider(Mine()) is None
+    assert live_decider(FixedScaling(2)) is None
 
 
 # -- a custom strategy drives the pool ------------------------------------------------
@@ -1039,9 +1126,9 @@ async def test_a_stage_blocked_by_its_downstream_does_not_grow(
             self.totals: list[int] = []
             self.samples: list[tuple[int, ...]] = []
 
-        def _decide(self, stats: StageStats, **options: Any) -> int:
+        def _decide_stats(self, stats: StageStats, **options: Any) -> int:
             self.totals.append(stats.total_workers())
-            delta = super()._decide(stats, **options)
+            delta = super()._decide_stats(stats, **options)
             self.samples.append(
                 (
                     stats.busy_workers,
@@ -1117,10 +1204,10 @@ async def test_each_stage_gets_its_own_copy_of_the_default(anyio_backend: Any) -
     instances: dict[int, ScalingStrategy] = {}
 
     class Spy(UtilizationScaling):
-        def _decide(self, stats: StageStats, **options: Any) -> int:
+        def _decide_stats(self, stats: StageStats, **options: Any) -> int:
             seen[id(self)].add(stats.stage_name)
             instances[id(self)] = self
-            return super()._decide(stats, **options)
+            return super()._decide_stats(stats, **options)
 
     shared = Spy(min_workers=1, max_workers=3, sampling_events=1, sampling_period=0)
     flow = Flow(default_scaling_strategy=shared)
