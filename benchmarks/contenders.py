@@ -14,6 +14,7 @@ workload helpers below.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,43 @@ async def step_c(x: int) -> int:
 
 
 STAGES: tuple[Stage, ...] = (step_a, step_b, step_c)
+
+#: read by child processes, which import this module afresh
+STAGE_DELAY_ENV = "FLOWRHYTHM_BENCH_STAGE_DELAY"
+#: seconds each stage awaits before answering (0: the trivial stages above)
+STAGE_DELAY = 0.0
+
+
+def use_stage_delay(seconds: float) -> None:
+    """Make every stage await ``seconds`` (a stand-in for I/O) before answering.
+
+    Rebinds ``STAGES``, which every contender reads when it runs, and records the
+    delay in the environment for the child processes of another interpreter.
+    """
+    global STAGES, STAGE_DELAY
+    STAGE_DELAY = seconds
+    os.environ[STAGE_DELAY_ENV] = repr(seconds)
+    if not seconds:
+        STAGES = (step_a, step_b, step_c)
+        return
+
+    async def wait_a(x: int) -> int:
+        await anyio.sleep(seconds)
+        return x + 1
+
+    async def wait_b(x: int) -> int:
+        await anyio.sleep(seconds)
+        return x + 1
+
+    async def wait_c(x: int) -> int:
+        await anyio.sleep(seconds)
+        return x + 1
+
+    STAGES = (wait_a, wait_b, wait_c)
+
+
+if os.environ.get(STAGE_DELAY_ENV):
+    use_stage_delay(float(os.environ[STAGE_DELAY_ENV]))
 
 
 @dataclass(slots=True)

@@ -193,11 +193,28 @@ async def _iterate(
         )
     iterator = source.__aiter__()
     try:
-        yield iterator
+        # The producer loop iterates with 'async for', which asks for __aiter__
+        # again: an iterator that defines only __anext__ gets a wrapper.
+        yield iterator if hasattr(iterator, "__aiter__") else _Iterating(iterator)
     finally:
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await cleanups.run(aclose)
+
+
+class _Iterating:
+    """An async iterator over one that defines ``__anext__`` but no ``__aiter__``."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self, iterator: Any) -> None:
+        self._next: Callable[[], Awaitable[Any]] = iterator.__anext__
+
+    def __aiter__(self) -> _Iterating:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._next()
 
 
 def _is_async_function(obj: object) -> bool:

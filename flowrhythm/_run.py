@@ -270,20 +270,20 @@ class Run:
         controller = first.controller
         clock = self.clock
         send_nowait = send.send_nowait
+        # A fixed pool's gate never opens: a local flag skips the comparison.
+        sampled = controller.gated
         try:
             with anyio.CancelScope() as self._producer_scope:
                 if self.drain_requested:
                     return
                 async with self.plan.source(self.cleanups) as iterator:
-                    anext = iterator.__anext__
+                    # (mypy narrows the flag to False; other tasks set it meanwhile)
+                    if self.drain_requested:
+                        return  # type: ignore[unreachable]
                     budget = CHECKPOINT_EVERY
-                    while not self.drain_requested:
-                        try:
-                            item = await anext()
-                        except StopAsyncIteration:
-                            break
+                    async for item in iterator:
                         counters.offered += 1
-                        if counters.offered >= counters.enqueue_gate:
+                        if sampled and counters.offered >= counters.enqueue_gate:
                             controller.on_enqueue_gate()
                         try:
                             send_nowait(item)
@@ -297,6 +297,9 @@ class Run:
                             budget = CHECKPOINT_EVERY
                             counters.last_enqueue_at = clock()
                             await checkpoint()
+                        # A drain pulls nothing more from the source.
+                        if self.drain_requested:
+                            break  # type: ignore[unreachable]
         except anyio.get_cancelled_exc_class() as exc:
             if in_cancelled_scope():
                 raise

@@ -370,7 +370,8 @@ class Stage:
             # Only a pool above its floor can lose a worker: at the floor, waiting
             # needs no cancel scope (most of an idle receive's cost). A worker that
             # waits unscoped and outlives a growth is simply not picked to retire.
-            if self.active_workers > self.controller.min_workers:
+            controller = self.controller
+            if controller.can_shrink and self.active_workers > controller.min_workers:
                 return await self._receive_or_retire(receive)
             try:
                 item = await receive()

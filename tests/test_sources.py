@@ -78,3 +78,37 @@ async def test_a_strategy_that_allows_no_worker_is_rejected(anyio_backend: Any) 
     flow.set_consumer(sink, scaling_strategy=Nothing())
     with pytest.raises(ValueError, match="consumer 'sink': max_workers must be >= 1"):
         await flow.run()
+
+
+class _CountDown:
+    """An async iterator that defines ``__anext__`` only (no ``__aiter__``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    async def __anext__(self) -> int:
+        if not self.n:
+            raise StopAsyncIteration
+        self.n -= 1
+        return self.n
+
+
+class _CountDownSource:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __aiter__(self) -> _CountDown:
+        return _CountDown(self.n)
+
+
+async def test_an_iterator_without_aiter_is_iterated(anyio_backend: Any) -> None:
+    got: list[int] = []
+
+    async def consume(item: int) -> None:
+        got.append(item)
+
+    flow = Flow()
+    flow.set_producer(_CountDownSource(5))
+    flow.set_consumer(consume)
+    await flow.run()
+    assert got == [4, 3, 2, 1, 0]
