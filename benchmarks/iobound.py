@@ -14,7 +14,10 @@ many seconds. Two things keep a pipeline below the ideal: timers overshoot (a
 10 ms sleep takes 10.1-10.6 ms, measured and shown as the "timer" ideal) and the
 pipeline's own per-item work, which at 64 workers (6,400 items/s) starts to
 count. ``anyio-pool`` (``workers`` hand-written tasks over one memory stream)
-shows how much of the gap any pipeline on the same loop has.
+shows how much of the gap any pipeline on the same loop has, and ``sleepers``
+(as many tasks doing nothing but the sleeps) what the loop's timers allow at
+all: with 64 sleepers waking every 10 ms, a loop wakes each one late by more
+than a lone sleep's overshoot, so no pipeline can beat that row.
 """
 
 from __future__ import annotations
@@ -107,7 +110,26 @@ async def run_anyio_pool(n_items: int, workers: int) -> None:
     tally.verify(n_items, "anyio-pool")
 
 
-CONTENDERS = {"flowrhythm": run_flowrhythm, "anyio-pool": run_anyio_pool}
+async def run_sleepers(n_items: int, workers: int) -> None:
+    """No pipeline at all: ``workers`` tasks that only sleep, ``n_items`` sleeps in
+    all. What the event loop's timers allow under this load: the real ceiling of
+    any pipeline on that loop (a busy loop wakes sleepers late)."""
+
+    async def sleeper(count: int) -> None:
+        for _ in range(count):
+            await anyio.sleep(DELAY)
+
+    share, extra = divmod(n_items, workers)
+    async with anyio.create_task_group() as tg:
+        for index in range(workers):
+            tg.start_soon(sleeper, share + (index < extra))
+
+
+CONTENDERS = {
+    "flowrhythm": run_flowrhythm,
+    "anyio-pool": run_anyio_pool,
+    "sleepers": run_sleepers,
+}
 
 
 async def _sleep_time(samples: int) -> float:
@@ -250,6 +272,10 @@ def report(args: argparse.Namespace, results: list[IoResult]) -> str:
         (
             "ideal = workers / 10 ms; timer ideal = workers / the measured time of "
             "one 10 ms sleep on that backend; % = items/s of the ideal"
+        ),
+        (
+            "sleepers = the same number of tasks doing nothing but the sleeps: the "
+            "ceiling the loop's timers allow under this load, pipeline or not"
         ),
     ]
     groups: dict[str, dict[int, dict[str, IoResult]]] = {}
