@@ -560,6 +560,7 @@ class StageLedger:
     outputs: list[Any] = field(default_factory=list)  # idents returned/kept/yielded
     rejected: int = 0  # filter: items the predicate turned down
     finished: int = 0  # fan-out: generator runs that reached their end
+    partial: int = 0  # fan-out: outputs of runs that then failed or were cut
     open_generators: int = 0
     handled: int = 0  # failed items the error handler (or the log) got
     last_key: Any = None  # the order key of the last item called (order checks)
@@ -828,6 +829,7 @@ def _stage_call(spec: RunSpec, layout: Layout, index: int, ledger: Ledger) -> An
     async def split(item: Any) -> AsyncIterator[Any]:
         key, attempt = begin(item)
         own.open_generators += 1
+        given = 0
         try:
             value = item_hash(key)
             scrambled = mix(value, salt)
@@ -864,6 +866,7 @@ def _stage_call(spec: RunSpec, layout: Layout, index: int, ledger: Ledger) -> An
                 elif stage.fan_pace == "sleep" and (scrambled + k) % 8 == 0:
                     await anyio.sleep(0.0001 * (1 + (scrambled >> 15) % 5))
                 own.outputs.append(ident(output))
+                given += 1
                 yield output
             if raise_at == len(outputs):
                 own.raised += 1
@@ -871,10 +874,12 @@ def _stage_call(spec: RunSpec, layout: Layout, index: int, ledger: Ledger) -> An
             if overrun_at == len(outputs):
                 await anyio.sleep(overrun_sleep)  # the last step is cut
             own.finished += 1
+            given = 0
         except cancelled:
             own.cancelled += 1
             raise
         finally:
+            own.partial += given
             own.in_flight -= 1
             own.open_generators -= 1
 
@@ -1104,8 +1109,16 @@ def _check_stats(
             if s.processed != outputs:
                 v.append(f"{name}: consumed {outputs} but stats say {s.processed}")
         elif stage.ordered:
-            if s.emitted > outputs or (not s.dropped and s.emitted != outputs):
-                v.append(f"{name}: emitted {s.emitted}, its function gave {outputs}")
+            # An abort cuts what waits in the reorder window: whole inputs (counted
+            # as dropped) and the outputs an input yielded before it failed (the
+            # input itself went to the error handler, so nothing counts as dropped).
+            short = outputs - s.emitted
+            allowed = 0 if none else (outputs if s.dropped else own.partial)
+            if short < 0 or short > allowed:
+                v.append(
+                    f"{name}: emitted {s.emitted}, its function gave {outputs} "
+                    f"({own.partial} of them before a failure)"
+                )
         elif s.emitted != outputs:
             v.append(f"{name}: emitted {s.emitted}, its function gave {outputs}")
         if stage.kind == "filter" and s.filtered != own.rejected:
