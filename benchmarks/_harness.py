@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.util
 import json
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -418,6 +420,47 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def parse_standalone(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    check_arguments: Callable[[argparse.ArgumentParser, argparse.Namespace], None],
+) -> argparse.Namespace:
+    """The command line of a benchmark run on its own: its arguments and --json."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    return args
+
+
+def save_results(
+    path: str | Path,
+    benchmark: str,
+    config: Mapping[str, Any],
+    results: Any,
+    *,
+    machine: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> None:
+    """Write one benchmark's results as JSON (with when, where and how it ran)."""
+    write_json(
+        path,
+        {
+            "benchmark": benchmark,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": dict(config),
+            "machine": dict(machine) if machine is not None else machine_info(),
+            "results": results,
+            **extra,
+        },
+    )
+    print(f"\nresults written to {path}")
 
 
 def progress(message: str) -> None:

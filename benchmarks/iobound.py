@@ -28,7 +28,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import anyio
@@ -312,34 +311,24 @@ def report(args: argparse.Namespace, results: list[IoResult]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    args = h.parse_standalone(
+        argv,
         prog="python -m benchmarks.iobound",
         description="One 10 ms I/O-bound stage against workers / 10 ms.",
+        add_arguments=add_arguments,
+        check_arguments=check_arguments,
     )
-    add_arguments(parser)
-    parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
-    args = parser.parse_args(argv)
-    check_arguments(parser, args)
     results = run(args)
     print(report(args, results))
     if args.json:
-        h.write_json(
-            args.json,
-            {
-                "benchmark": "iobound",
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "config": {
-                    "delay": DELAY,
-                    "seconds": args.seconds,
-                    "rounds": args.rounds,
-                    "backends": args.backends,
-                    "workers": args.workers,
-                },
-                "machine": h.machine_info(),
-                "results": [r.as_dict() for r in results],
-            },
-        )
-        print(f"\nresults written to {args.json}")
+        config = {
+            "delay": DELAY,
+            "seconds": args.seconds,
+            "rounds": args.rounds,
+            "backends": args.backends,
+            "workers": args.workers,
+        }
+        h.save_results(args.json, "iobound", config, [r.as_dict() for r in results])
     return 0
 
 

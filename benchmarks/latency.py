@@ -28,7 +28,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import anyio
@@ -272,34 +271,24 @@ def report(args: argparse.Namespace, results: Sequence[LatencyResult]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    args = h.parse_standalone(
+        argv,
         prog="python -m benchmarks.latency",
         description="Items a busy stage processes between checkpoints and after cancel.",
+        add_arguments=add_arguments,
+        check_arguments=check_arguments,
     )
-    add_arguments(parser)
-    parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
-    args = parser.parse_args(argv)
-    check_arguments(parser, args)
     results = run(args)
     print(report(args, results))
     if args.json:
-        h.write_json(
-            args.json,
-            {
-                "benchmark": "latency",
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "config": {
-                    "trials": args.trials,
-                    "workers": args.workers,
-                    "backends": args.backends,
-                    "seed": args.seed,
-                    "checkpoint_every": checkpoint_every(),
-                },
-                "machine": h.machine_info(),
-                "results": [r.as_dict() for r in results],
-            },
-        )
-        print(f"\nresults written to {args.json}")
+        config = {
+            "trials": args.trials,
+            "workers": args.workers,
+            "backends": args.backends,
+            "seed": args.seed,
+            "checkpoint_every": checkpoint_every(),
+        }
+        h.save_results(args.json, "latency", config, [r.as_dict() for r in results])
     return 0
 
 

@@ -34,7 +34,6 @@ import time
 import tracemalloc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from . import _harness as h
@@ -304,37 +303,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         print(json.dumps(child(*json.loads(argv[1]))))
         return 0
-    parser = argparse.ArgumentParser(
+    args = h.parse_standalone(
+        argv,
         prog="python -m benchmarks.memory",
         description="Peak RSS and traced memory at two item counts: must be flat.",
+        add_arguments=add_arguments,
+        check_arguments=check_arguments,
     )
-    add_arguments(parser)
-    parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
-    args = parser.parse_args(argv)
-    check_arguments(parser, args)
     results = run(args)
     print(report(args, results))
     found = verdicts(results)
     if args.json:
-        h.write_json(
+        config = {
+            "items": args.items,
+            "traced_items": args.traced_items,
+            "contenders": args.contenders,
+            "backend": args.backend,
+            "rss_limit": RSS_LIMIT,
+            "traced_limit": TRACED_LIMIT,
+        }
+        h.save_results(
             args.json,
-            {
-                "benchmark": "memory",
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "config": {
-                    "items": args.items,
-                    "traced_items": args.traced_items,
-                    "contenders": args.contenders,
-                    "backend": args.backend,
-                    "rss_limit": RSS_LIMIT,
-                    "traced_limit": TRACED_LIMIT,
-                },
-                "machine": h.machine_info(),
-                "results": [asdict(r) for r in results],
-                "verdicts": [asdict(v) | {"flat": v.flat} for v in found],
-            },
+            "memory",
+            config,
+            [asdict(r) for r in results],
+            verdicts=[asdict(v) | {"flat": v.flat} for v in found],
         )
-        print(f"\nresults written to {args.json}")
     return 0 if all(v.flat for v in found) else 1
 
 

@@ -42,7 +42,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -420,41 +419,37 @@ def passed(results: Sequence[BackendResult]) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    args = h.parse_standalone(
+        argv,
         prog="python -m benchmarks.monitor_overhead",
         description="Throughput of the trivial 3-stage flow, plain and with the "
         "live view running.",
+        add_arguments=add_arguments,
+        check_arguments=check_arguments,
     )
-    add_arguments(parser)
-    parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
-    args = parser.parse_args(argv)
-    check_arguments(parser, args)
     results = run(args)
     print(report(args, results))
     if args.json:
-        h.write_json(
+        config = {
+            "items": args.items,
+            "rounds": args.rounds,
+            "backends": args.backends,
+            "workers": args.workers,
+            "refresh_per_second": list(REFRESH_RATES),
+            "default_refresh": DEFAULT_REFRESH,
+            "tolerance": TOLERANCE,
+            "console_width": CONSOLE_WIDTH,
+            "stages": len(c.STAGES),
+            "buffer_size": c.BUFFER_SIZE,
+        }
+        h.save_results(
             args.json,
-            {
-                "benchmark": "monitor_overhead",
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "config": {
-                    "items": args.items,
-                    "rounds": args.rounds,
-                    "backends": args.backends,
-                    "workers": args.workers,
-                    "refresh_per_second": list(REFRESH_RATES),
-                    "default_refresh": DEFAULT_REFRESH,
-                    "tolerance": TOLERANCE,
-                    "console_width": CONSOLE_WIDTH,
-                    "stages": len(c.STAGES),
-                    "buffer_size": c.BUFFER_SIZE,
-                },
-                "machine": h.machine_info(("rich",)),
-                "results": [b.as_dict() for b in results],
-                "passed": None if args.quick else passed(results),
-            },
+            "monitor_overhead",
+            config,
+            [b.as_dict() for b in results],
+            machine=h.machine_info(("rich",)),
+            passed=None if args.quick else passed(results),
         )
-        print(f"\nresults written to {args.json}")
     return 0 if args.quick or passed(results) else 1
 
 

@@ -25,13 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from itertools import pairwise
 from typing import Any
 
+import _probe
 import anyio
 import pytest
 from anyio.lowlevel import checkpoint
@@ -73,43 +72,7 @@ class ItemError(Exception):
 # -- the ledger: what the flow did, seen from the user's callables --------------------
 
 
-def _current_task() -> object:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # not asyncio: trio
-        import trio
-
-        return trio.lowlevel.current_task()
-
-
-class Ledger:
-    def __init__(self) -> None:
-        self.produced: list[int] = []
-        self.consumed: list[int] = []
-        self.handled: list[tuple[Any, BaseException]] = []
-        self.enters: Counter[str] = Counter()
-        self.exits: Counter[str] = Counter()
-        self.tasks: list[object] = []  # strong references: ids cannot be reused
-        self.baseline = {info.id for info in anyio.get_running_tasks()}
-        self.producer_closed = False
-
-    def note_task(self) -> None:
-        self.tasks.append(_current_task())
-
-    def producer(self, n: int | None = None) -> Any:
-        async def produce() -> AsyncIterator[int]:
-            self.note_task()
-            try:
-                i = 0
-                while n is None or i < n:
-                    self.produced.append(i)
-                    yield i
-                    i += 1
-            finally:
-                self.producer_closed = True
-
-        return produce
-
+class Ledger(_probe.Probe):
     def cm(
         self,
         name: str,
@@ -141,52 +104,22 @@ class Ledger:
         factory.__name__ = name
         return factory
 
-    async def handle(self, item: Any, exc: BaseException) -> None:
-        self.handled.append((item, exc))
-
     def handler_cm(self, *, exit: Any = None) -> Any:
-        return self.cm("handler", self.handle, exit=exit)
+        return self.cm("handler", self.handler, exit=exit)
 
     async def collect(self, item: int) -> None:
         self.consumed.append(item)
 
     def verify(self, flow: Flow, *, aborted: bool) -> None:
-        """Conservation and balanced context managers; ``aborted`` allows drops."""
-        stats = flow.stats()
-        names = list(stats)
-        for stage in stats.values():
-            assert stage.received == stage.processed + stage.errors + stage.dropped, (
-                stage
-            )
-            assert stage.dropped >= 0, stage
+        """Conservation, no worker left, balanced context managers; ``aborted``
+        allows drops."""
+        _probe.check_accounting(flow, self, aborted=aborted)
+        for stage in flow.stats().values():
             assert stage.total_workers() == 0, stage
-        for upstream, downstream in pairwise(names):
-            assert stats[downstream].received == stats[upstream].processed
-        assert stats[names[0]].received == len(self.produced)
-        assert stats[names[-1]].processed == len(self.consumed)
-        assert sum(s.errors for s in stats.values()) == len(self.handled)
-        dropped = sum(s.dropped for s in stats.values())
-        assert len(self.produced) == len(self.consumed) + len(self.handled) + dropped
-        finished = self.consumed + [item for item, _ in self.handled]
-        assert len(finished) == len(set(finished)), "an item ended twice"
-        assert set(finished) <= set(self.produced)
-        if not aborted:
-            assert dropped == 0, stats
-            assert sorted(finished) == sorted(self.produced)
-        assert self.enters == self.exits, (self.enters, self.exits)
+        self.assert_balanced()
 
     def dropped(self, flow: Flow) -> int:
         return sum(s.dropped for s in flow.stats().values())
-
-    def assert_no_orphans(self) -> None:
-        """No task the flow's callables ran in is alive, and no task exists that
-        did not exist when the ledger was made."""
-        running = anyio.get_running_tasks()
-        alive = {info.id for info in running}
-        orphans = [task for task in self.tasks if id(task) in alive]
-        assert not orphans, orphans
-        new = [info.name for info in running if info.id not in self.baseline]
-        assert not new, f"tasks still running: {new}"
 
 
 async def identity(x: Any) -> Any:
@@ -750,7 +683,7 @@ async def test_stop_with_a_timeout_from_the_error_handler_context(
         await flow.stop(timeout=GUARD * 10)
 
     flow = build(ledger, producer=ledger.producer(10))
-    flow.set_error_handler(ledger.cm("handler", ledger.handle, enter=enter))
+    flow.set_error_handler(ledger.cm("handler", ledger.handler, enter=enter))
     with anyio.fail_after(GUARD):
         await flow.run()  # the drain was requested before the producer started
     assert ledger.produced == []

@@ -3,16 +3,14 @@ from inside), and what is refused: starting twice, stopping what never started."
 
 from __future__ import annotations
 
-import asyncio
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from itertools import pairwise
 from typing import Any
 
+import _probe
 import anyio
 import pytest
-from anyio.lowlevel import checkpoint
+from _probe import check_accounting
 
 from flowrhythm import FixedScaling, Flow
 
@@ -25,95 +23,10 @@ GUARD = 10
 # -- probe: what the flow did, seen from the user's callables ------------------------
 
 
-def _current_task() -> object:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # not asyncio: trio
-        import trio
-
-        return trio.lowlevel.current_task()
-
-
-class Probe:
+class Probe(_probe.Probe):
     def __init__(self) -> None:
-        self.produced: list[int] = []
-        self.consumed: list[int] = []
-        self.handled: list[Any] = []
-        self.enters: Counter[str] = Counter()
-        self.exits: Counter[str] = Counter()
-        self.tasks: list[object] = []  # strong references: ids cannot be reused
-        self.baseline = {info.id for info in anyio.get_running_tasks()}
-        self.producer_closed = False
+        super().__init__()
         self.consumer_finally = 0
-
-    def note_task(self) -> None:
-        self.tasks.append(_current_task())
-
-    def producer(self, n: int | None = None) -> Any:
-        async def produce() -> AsyncIterator[int]:
-            self.note_task()
-            try:
-                i = 0
-                while n is None or i < n:
-                    self.produced.append(i)
-                    yield i
-                    i += 1
-            finally:
-                self.producer_closed = True
-
-        return produce
-
-    def stage(self, name: str, fn: Any) -> Any:
-        """A per-worker context manager factory around ``fn``; its exit awaits, so
-        it only completes under cancellation if the flow shields it."""
-
-        @asynccontextmanager
-        async def factory() -> AsyncIterator[Any]:
-            self.enters[name] += 1
-            self.note_task()
-            try:
-                yield fn
-            finally:
-                await checkpoint()
-                self.exits[name] += 1
-
-        factory.__name__ = name
-        return factory
-
-    def assert_balanced(self) -> None:
-        assert self.enters == self.exits, (self.enters, self.exits)
-
-    def assert_no_orphans(self, *, strict: bool = True) -> None:
-        """No task the flow's callables ran in is still alive; with ``strict``, no
-        task at all exists that did not exist when the probe was made (call it
-        once whatever hosted the flow has exited)."""
-        running = anyio.get_running_tasks()
-        alive = {info.id for info in running}
-        orphans = [task for task in self.tasks if id(task) in alive]
-        assert not orphans, orphans
-        if strict:
-            new = [info.name for info in running if info.id not in self.baseline]
-            assert not new, f"tasks still running: {new}"
-
-
-def check_accounting(flow: Flow, probe: Probe, *, aborted: bool) -> None:
-    stats = flow.stats()
-    names = list(stats)
-    for stage in stats.values():
-        assert stage.received == stage.processed + stage.errors + stage.dropped, stage
-    for upstream, downstream in pairwise(names):
-        assert stats[downstream].received == stats[upstream].processed
-    assert stats[names[0]].received == len(probe.produced)
-    assert stats[names[-1]].processed == len(probe.consumed)
-    assert sum(s.errors for s in stats.values()) == len(probe.handled)
-    dropped = sum(s.dropped for s in stats.values())
-    assert len(probe.produced) == len(probe.consumed) + len(probe.handled) + dropped
-    finished = probe.consumed + [item for item, _ in probe.handled]
-    assert len(finished) == len(set(finished)), "an item ended twice"
-    assert set(finished) <= set(probe.produced)
-    if not aborted:
-        assert dropped == 0
-        assert sorted(finished) == sorted(probe.produced)
 
 
 async def identity(x: int) -> int:

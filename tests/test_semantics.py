@@ -4,7 +4,6 @@ exception."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import sys
@@ -12,9 +11,9 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from itertools import pairwise
 from typing import Any
 
+import _probe
 import anyio
 import pytest
 from anyio.lowlevel import checkpoint
@@ -33,15 +32,6 @@ GUARD = 10
 # -- probe ---------------------------------------------------------------------------
 
 
-def _current_task() -> object:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # not asyncio: trio
-        import trio
-
-        return trio.lowlevel.current_task()
-
-
 class Boom(Exception):
     """What a stage raises for an item it rejects."""
 
@@ -51,96 +41,19 @@ class Boom(Exception):
         self.item = item
 
 
-class Probe:
+class Probe(_probe.Probe):
     def __init__(self) -> None:
-        self.produced: list[int] = []
-        self.consumed: list[int] = []
-        self.handled: list[tuple[Any, BaseException]] = []
-        self.enters: Counter[str] = Counter()
-        self.exits: Counter[str] = Counter()
-        self.tasks: list[object] = []
-        self.baseline = {info.id for info in anyio.get_running_tasks()}
-        self.producer_closed = False
+        super().__init__()
         self.finally_ran = 0
-
-    def note_task(self) -> None:
-        self.tasks.append(_current_task())
-
-    def producer(self, n: int | None = None, *, fail_at: int | None = None) -> Any:
-        async def produce() -> AsyncIterator[int]:
-            self.note_task()
-            try:
-                i = 0
-                while n is None or i < n:
-                    if i == fail_at:
-                        raise ConnectionError(f"source lost at {i}")
-                    self.produced.append(i)
-                    yield i
-                    i += 1
-            finally:
-                self.producer_closed = True
-
-        return produce
-
-    def stage(self, name: str, fn: Any) -> Any:
-        """A per-worker CM factory around ``fn``; its exit awaits, so under
-        cancellation it only completes if the flow shields it."""
-
-        @asynccontextmanager
-        async def factory() -> AsyncIterator[Any]:
-            self.enters[name] += 1
-            self.note_task()
-            try:
-                yield fn
-            finally:
-                await checkpoint()
-                self.exits[name] += 1
-
-        factory.__name__ = name
-        return factory
-
-    async def handler(self, item: Any, exc: BaseException) -> None:
-        self.handled.append((item, exc))
-
-    def assert_balanced(self) -> None:
-        assert self.enters == self.exits, (self.enters, self.exits)
-
-    def assert_no_orphans(self, *, strict: bool = True) -> None:
-        """No task the flow's callables ran in is still alive; with ``strict``, no
-        task at all exists that did not exist when the probe was made (call it
-        once whatever hosted the flow has exited)."""
-        running = anyio.get_running_tasks()
-        alive = {info.id for info in running}
-        orphans = [task for task in self.tasks if id(task) in alive]
-        assert not orphans, orphans
-        if strict:
-            new = [info.name for info in running if info.id not in self.baseline]
-            assert not new, f"tasks still running: {new}"
 
 
 def check_accounting(flow: Flow, probe: Probe, *, aborted: bool) -> None:
+    """Conservation, and each stage's errors are the items it rejected."""
+    _probe.check_accounting(flow, probe, aborted=aborted)
     stats = flow.stats()
-    names = list(stats)
-    for stage in stats.values():
-        assert stage.received == stage.processed + stage.errors + stage.dropped, stage
-        assert stage.dropped >= 0
-    for upstream, downstream in pairwise(names):
-        assert stats[downstream].received == stats[upstream].processed
-    # an item the producer yielded counts as received by stage one, handed over or not
-    assert stats[names[0]].received == len(probe.produced)
-    assert stats[names[-1]].processed == len(probe.consumed)
     errors = Counter(exc.stage for _, exc in probe.handled if isinstance(exc, Boom))
-    for name in names:
-        assert stats[name].errors == errors[name], name
-    assert sum(s.errors for s in stats.values()) == len(probe.handled)
-    dropped = sum(s.dropped for s in stats.values())
-    assert len(probe.produced) == len(probe.consumed) + len(probe.handled) + dropped
-    finished = probe.consumed + [item for item, _ in probe.handled]
-    assert len(finished) == len(set(finished)), "an item ended twice"
-    assert set(finished) <= set(probe.produced)
-    if not aborted:
-        assert dropped == 0
-        assert sorted(finished) == sorted(probe.produced)
+    for name, stage in stats.items():
+        assert stage.errors == errors[name], name
 
 
 def failing_every(name: str, modulus: int, residue: int) -> Any:
