@@ -1,5 +1,5 @@
-"""What a flow did, seen from the user's callables: the probe the lifecycle,
-semantics and fault-injection tests share, and the conservation check on it."""
+"""What a flow did, seen from the user's callables: the probes the tests share,
+and the conservation checks on them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 from anyio.lowlevel import checkpoint
 
-from flowrhythm import Flow
+from flowrhythm import Flow, StageStats
 
 
 def current_task() -> object:
@@ -123,3 +123,38 @@ def check_accounting(flow: Flow, probe: Probe, *, aborted: bool) -> None:
     if not aborted:
         assert dropped == 0, stats
         assert sorted(finished) == sorted(probe.produced)
+
+
+class Results:
+    """The consumer and the error handler of a test flow: what reached them."""
+
+    def __init__(self) -> None:
+        self.consumed: list[Any] = []
+        self.failed: list[tuple[Any, BaseException]] = []
+
+    async def consume(self, item: Any) -> None:
+        self.consumed.append(item)
+
+    async def handle(self, item: Any, exc: BaseException) -> None:
+        self.failed.append((item, exc))
+
+    @property
+    def failed_items(self) -> list[Any]:
+        return [item for item, _ in self.failed]
+
+
+def assert_conserved(flow: Flow) -> dict[str, StageStats]:
+    """Once a run has ended: every stage balances (received = processed + errors +
+    dropped), received what the stage before it emitted, and has no worker or
+    reorder window left."""
+    assert flow.state == "finished"
+    stats = dict(flow.stats())
+    for stage in stats.values():
+        assert stage.received == stage.processed + stage.errors + stage.dropped, stage
+        assert min(stage.processed, stage.errors, stage.dropped, stage.emitted) >= 0
+        assert stage.filtered <= stage.processed, stage
+        assert stage.total_workers() == 0, stage
+        assert stage.reorder_window == 0, stage
+    for upstream, downstream in pairwise(stats.values()):
+        assert downstream.received == upstream.emitted, (upstream, downstream)
+    return stats

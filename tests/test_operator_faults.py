@@ -29,11 +29,12 @@ import math
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from itertools import pairwise
 from typing import Any
 
+import _probe
 import anyio
 import pytest
+from _probe import Results
 from anyio.lowlevel import checkpoint
 
 import flowrhythm._cleanup
@@ -160,22 +161,8 @@ class Lifecycle:
         assert self.entered == self.exited, (self.entered, self.exited)
 
 
-class Sink:
-    """The consumer and the error handler."""
-
-    def __init__(self) -> None:
-        self.consumed: list[Any] = []
-        self.failed: list[tuple[Any, BaseException]] = []
-
-    async def consume(self, item: Any) -> None:
-        self.consumed.append(item)
-
-    async def handle(self, item: Any, exc: BaseException) -> None:
-        self.failed.append((item, exc))
-
-    @property
-    def failed_items(self) -> list[Any]:
-        return [item for item, _ in self.failed]
+#: the consumer and the error handler
+Sink = Results
 
 
 class Stuck:
@@ -220,18 +207,9 @@ def stage(flow: Flow, name: str) -> StageStats:
 
 
 def assert_conserved(flow: Flow, feed: Feed | None = None) -> dict[str, StageStats]:
-    """Once a run has ended: every stage balances, every stage received what the
-    one before emitted, and no worker or window is left."""
-    assert flow.state == "finished"
-    stats = dict(flow.stats())
-    for s in stats.values():
-        assert s.received == s.processed + s.errors + s.dropped, s
-        assert min(s.processed, s.errors, s.dropped, s.emitted) >= 0, s
-        assert s.total_workers() == 0, s
-        assert s.reorder_window == 0, s
-        assert s.filtered <= s.processed, s
-    for upstream, downstream in pairwise(stats.values()):
-        assert downstream.received == upstream.emitted, (upstream, downstream)
+    """Conservation in the stats (:func:`_probe.assert_conserved`), and with a feed,
+    stage one received what it produced and the producer's cleanup ran."""
+    stats = _probe.assert_conserved(flow)
     if feed is not None:
         assert next(iter(stats.values())).received == len(feed.produced)
         assert feed.finished

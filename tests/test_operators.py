@@ -17,11 +17,11 @@ import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from itertools import pairwise
 from typing import Any
 
 import anyio
 import pytest
+from _probe import Results, assert_conserved
 from anyio.lowlevel import checkpoint
 
 from flowrhythm import (
@@ -51,24 +51,6 @@ class Boom(Exception):
 
 class Fatal(BaseException):
     """A BaseException that is not an Exception (like KeyboardInterrupt)."""
-
-
-class Results:
-    """The consumer and the error handler of a test flow: what reached them."""
-
-    def __init__(self) -> None:
-        self.consumed: list[Any] = []
-        self.failed: list[tuple[Any, BaseException]] = []
-
-    async def consume(self, item: Any) -> None:
-        self.consumed.append(item)
-
-    async def handle(self, item: Any, exc: BaseException) -> None:
-        self.failed.append((item, exc))
-
-    @property
-    def failed_items(self) -> list[Any]:
-        return [item for item, _ in self.failed]
 
 
 def source(items: Iterable[Any]) -> Callable[[], AsyncIterator[Any]]:
@@ -174,22 +156,6 @@ def new_flow(
     flow.set_consumer(results.consume)
     flow.set_error_handler(results.handle)
     return flow
-
-
-def assert_conserved(flow: Flow) -> dict[str, StageStats]:
-    """Once a run has ended, every item a stage received was processed, failed or
-    dropped, and every stage received exactly what the one before it emitted."""
-    assert flow.state == "finished"
-    stats = dict(flow.stats())
-    for stage in stats.values():
-        assert stage.received == stage.processed + stage.errors + stage.dropped, stage
-        assert min(stage.processed, stage.errors, stage.dropped) >= 0, stage
-        assert stage.filtered <= stage.processed, stage
-        assert stage.total_workers() == 0, stage
-        assert stage.reorder_window == 0, stage
-    for upstream, downstream in pairwise(stats.values()):
-        assert downstream.received == upstream.emitted, (upstream, downstream)
-    return stats
 
 
 async def run_flow(flow: Flow, *, clock: ManualClock | None = None) -> None:
