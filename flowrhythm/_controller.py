@@ -133,6 +133,9 @@ class Controller:
             room = max(self.max_workers - counters.workers, 0)
             started = sum(stage.spawn() for _ in range(min(wanted, room)))
             stage.deferred += wanted - min(wanted, room)
+            if stage.order is not None:
+                # The reorder window is 4 items per active worker: it grew too.
+                stage.order.room_changed()
             if started or stage.deferred:
                 counters.last_scale_up_at = now
                 logger.debug(

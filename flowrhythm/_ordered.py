@@ -93,6 +93,13 @@ class Reorder:
                     self.parked = False
                 return self.number(item)
 
+    def room_changed(self) -> None:
+        """Let workers waiting for room look again: an item left the window, or
+        the pool (and with it the window's bound) grew."""
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
     async def _wait_for_room(self) -> None:
         # Held back by the order, like a worker waiting for room downstream: not
         # idle (a stage stalled behind one slow item is not oversized), not busy.
@@ -125,9 +132,7 @@ class Reorder:
                     counters.processed += 1
                 self.next_emit += 1
                 counters.reorder_window = self.next_seq - self.next_emit
-                if self._room is not None:
-                    self._room.set()
-                    self._room = None
+                self.room_changed()
         finally:
             self.flushing = False
 

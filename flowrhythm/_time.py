@@ -55,8 +55,19 @@ class Timebase:
     async def sleep(self, seconds: float) -> None:
         if self._custom_sleep is None:
             await anyio.sleep(seconds)
-        else:
+            return
+        try:
             await self._custom_sleep(seconds)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            if self._fail is None:
+                raise
+            # A broken clock is the flow's fault, not the item's (its backoff or
+            # rate limit only waited on it): fail the run, as a deadline does, and
+            # wait for the abort that follows.
+            self._fail(exc, "raised by the flow's clock")
+            await anyio.sleep_forever()
 
     def deadline(self, seconds: float) -> anyio.CancelScope | _WatchedScope:
         """Return a cancel scope (a context manager) that cancels itself

@@ -1338,12 +1338,14 @@ async def test_a_finished_calls_watcher_never_sleeps_on_the_clock(
     assert clock.registrations == []  # no call was running when a sleep began
 
 
-@pytest.mark.parametrize("where", ["timeout", "max_wait"])
-async def test_a_clock_failing_in_a_deadline_fails_the_flow_with_its_error(
+@pytest.mark.parametrize("where", ["timeout", "max_wait", "backoff", "rate_limit"])
+async def test_a_clock_failing_fails_the_flow_with_its_error(
     anyio_backend: Any, feed: Feed, where: str
 ) -> None:
     """ "Failure is loud": at most one exception escapes, as itself, with a note
-    saying where it came from; never an exception group."""
+    saying where it came from; never an exception group. Wherever the flow waits
+    on a broken clock (a deadline, a retry's backoff, a rate limit), the clock's
+    error fails the flow: it is not the item's error."""
     error = ClockError("the clock stopped")
 
     class BrokenClock(ManualClock):
@@ -1359,16 +1361,32 @@ async def test_a_clock_failing_in_a_deadline_fails_the_flow_with_its_error(
 
     flow = Flow(clock=clock)
     flow.set_producer(feed.produce)
+
+    async def flaky(x: int) -> None:
+        raise ItemError(x)
+
+    flow.set_error_handler(sink.handle)
     if where == "timeout":
         flow.set_consumer(lifecycle.around("sink", hang), name="sink", timeout=1.0)
-    else:
+    elif where == "max_wait":
         flow.add_batch(10, max_wait=1.0)
         flow.set_consumer(lifecycle.around("sink", sink.consume), name="sink")
-    feed.put(1)
+    elif where == "backoff":
+        flow.set_consumer(
+            lifecycle.around("sink", flaky), name="sink", retry=Retry(backoff=1.0)
+        )
+    else:
+        flow.set_consumer(
+            lifecycle.around("sink", sink.consume),
+            name="sink",
+            rate_limit=RateLimit(per_second=1.0),
+        )
+    feed.put(1, 2)
     with anyio.fail_after(GUARD), pytest.raises(ClockError) as info:
         await flow.run()
     assert info.value is error
-    assert notes(error)
+    assert "flowrhythm: raised by the flow's clock" in notes(error)
+    assert sink.failed == []  # the clock's error is not an item's
     assert_conserved(flow, feed)
     lifecycle.assert_balanced()
 

@@ -733,6 +733,68 @@ async def test_ordered_window_full_stops_intake_while_the_head_runs(
     assert final["work"].reorder_window_peak == window
 
 
+async def test_growing_an_ordered_stage_wakes_workers_waiting_for_room(
+    anyio_backend: Any,
+) -> None:
+    """The window is 4 items per worker at the current pool size: when the pool
+    grows, a worker waiting for room must look again at once, not only when the
+    head item is emitted. The new worker here is stuck entering its context, so
+    only the waiting worker can use the extra room."""
+    count = 40
+    head = anyio.Event()
+    enter_gate = anyio.Event()
+    grow = False
+    entered = 0
+    results = Results()
+
+    class GrowOnce(ScalingStrategy):
+        min_workers, max_workers = 2, 3
+        sampling_events, sampling_period = 0, 0.001
+
+        def on_tick(self, stats: StageStats) -> int:
+            nonlocal grow
+            if grow:
+                grow = False
+                return 1
+            return 0
+
+    async def work(x: int) -> int:
+        if x == 0:
+            await head.wait()
+        return x
+
+    @asynccontextmanager
+    async def worker_context() -> AsyncIterator[Callable[[int], Any]]:
+        nonlocal entered
+        entered += 1
+        if entered > 2:  # the worker the growth adds
+            await enter_gate.wait()
+        yield work
+
+    flow = new_flow(source(range(count)), results)
+    flow.add_transformer(
+        worker_context, name="work", scaling_strategy=GrowOnce(), ordered=True
+    )
+    stats = lambda: flow.stats()["work"]
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            await tg.start(flow.run)
+            await wait_until(
+                lambda: (
+                    stats().reorder_window == 2 * WINDOW_PER_WORKER
+                    and stats().blocked_workers == 1
+                )
+            )
+            grow = True
+            # The window grows to 3 x 4; the waiting worker fills it.
+            await wait_until(lambda: stats().reorder_window == 3 * WINDOW_PER_WORKER)
+            assert results.consumed == []
+            enter_gate.set()
+            head.set()
+    assert_conserved(flow)
+    assert results.consumed == list(range(count))
+
+
 @pytest.mark.parametrize("fan_out", [False, True], ids=["map", "fan_out"])
 async def test_ordered_failed_item_never_holds_back_later_items(
     anyio_backend: Any, fan_out: bool
