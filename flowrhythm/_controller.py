@@ -103,7 +103,12 @@ class Controller:
                         f"{name}() must return an int (the change in workers), "
                         f"got {delta!r}"
                     )
-        except Exception as exc:
+        except BaseException as exc:
+            # Whatever it derives from, it is the strategy's failure: left to
+            # propagate it would be blamed on the worker that opened the gate
+            # (upstream's, for an enqueue gate).
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
             add_note(exc, f"raised by the scaling strategy of {stage.plan.call.role}")
             stage.run.fail(exc, "")
             return

@@ -622,6 +622,36 @@ async def test_a_strategy_that_raises_fails_the_flow_with_its_error(
     assert "shaky" in "\n".join(getattr(info.value, "__notes__", ()))
 
 
+class _Halt(BaseException):
+    """Not an Exception (like KeyboardInterrupt)."""
+
+
+async def test_a_strategy_raising_a_base_exception_is_blamed_on_the_strategy(
+    anyio_backend: Any,
+) -> None:
+    """The enqueue hook of the second stage runs in a worker of the first (the one
+    sending the item): what it raises is still the strategy's failure, with the
+    strategy's note, whatever it derives from."""
+
+    class Halting(ScalingStrategy):
+        min_workers, max_workers = 1, 2
+        sampling_events, sampling_period = 1, 0.0
+
+        def on_enqueue(self, stats: StageStats) -> int:
+            raise _Halt("strategy halted")
+
+    flow = Flow()
+    flow.set_producer(_endless)
+    flow.add_transformer(_identity, name="first")
+    flow.add_transformer(_identity, name="second", scaling_strategy=Halting())
+    flow.set_consumer(_discard)
+    with anyio.fail_after(GUARD), pytest.raises(_Halt) as info:
+        await flow.run()
+    notes = "\n".join(getattr(info.value, "__notes__", ()))
+    assert "scaling strategy of transformer 'second'" in notes
+    assert "'first'" not in notes
+
+
 # -- UtilizationScaling on real pools -------------------------------------------------
 
 
