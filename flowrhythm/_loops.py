@@ -31,7 +31,7 @@ async def filter_loop(stage: Stage, predicate: ItemCall) -> None:
     predicate = stage.policy.wrap(predicate)
     counters = stage.counters
     on_error = stage.run.route_error
-    emit = stage.emit
+    offer = stage.offer
     budget = CHECKPOINT_EVERY
     item = await stage.receive_blocking()
     while item is not END and item is not RETIRED:
@@ -42,10 +42,10 @@ async def filter_loop(stage: Stage, predicate: ItemCall) -> None:
             await on_error(stage, item, exc)
         else:
             counters.processed += 1
-            if keep:
-                await emit(item)
-            else:
+            if not keep:
                 counters.filtered += 1
+            elif not offer(item):
+                await stage.send_blocking(item)
         del item
         budget -= 1
         if not budget:  # (inline: a helper coroutine per item costs more)

@@ -116,23 +116,31 @@ class Reorder:
 
     async def finish(self, seq: int, outputs: Any, succeeded: bool) -> None:
         """Record item ``seq`` as finished; emit whatever is now in order."""
-        self.done[seq] = (outputs, succeeded)
         if self.flushing or seq != self.next_emit:
+            self.done[seq] = (outputs, succeeded)
             return
+        # The next item due, and nobody flushing: this worker sends it on, then
+        # whatever finished after it and is now in order.
         self.flushing = True
         stage = self.stage
+        offer = stage.offer
         counters = self.counters
         count_processed = not counters.emitted_is_processed
+        done = self.done
         try:
-            while (entry := self.done.pop(self.next_emit, None)) is not None:
-                outputs, succeeded = entry
+            while True:
                 for output in outputs:
-                    await stage.emit(output)
+                    if not offer(output):
+                        await stage.send_blocking(output)
                 if succeeded and count_processed:
                     counters.processed += 1
                 self.next_emit += 1
                 counters.reorder_window = self.next_seq - self.next_emit
                 self.room_changed()
+                entry = done.pop(self.next_emit, None)
+                if entry is None:
+                    break
+                outputs, succeeded = entry
         finally:
             self.flushing = False
 

@@ -430,6 +430,13 @@ class Stage:
 
     async def emit(self, output: Any) -> None:
         """Send ``output`` to the next stage, waiting for room if need be."""
+        if not self.offer(output):
+            await self.send_blocking(output)
+
+    def offer(self, output: Any) -> bool:
+        """Count ``output`` as sent on and hand it over if that needs no wait;
+        ``False``: the caller must ``await send_blocking(output)`` (``emit`` without
+        a coroutine per output, for loops that send on most items at once)."""
         assert self.outbox is not None
         assert self.next is not None
         downstream = self.next.counters
@@ -439,7 +446,8 @@ class Stage:
         try:
             self.outbox.send_nowait(output)
         except WouldBlock:
-            await self.send_blocking(output)
+            return False
+        return True
 
     async def send_blocking(self, result: Any) -> None:
         assert self.outbox is not None
