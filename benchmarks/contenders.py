@@ -75,36 +75,32 @@ STAGES: tuple[Stage, ...] = (step_a, step_b, step_c)
 
 #: read by child processes, which import this module afresh
 STAGE_DELAY_ENV = "FLOWRHYTHM_BENCH_STAGE_DELAY"
-#: seconds each stage awaits before answering (0: the trivial stages above)
-STAGE_DELAY = 0.0
+
+
+def _waiting(name: str, seconds: float) -> Stage:
+    """A stage that awaits ``seconds`` (a stand-in for I/O), then adds 1."""
+
+    async def stage(x: int) -> int:
+        await anyio.sleep(seconds)
+        return x + 1
+
+    # flowrhythm names a stage after its function: the three must differ
+    stage.__name__ = stage.__qualname__ = name
+    return stage
 
 
 def use_stage_delay(seconds: float) -> None:
-    """Make every stage await ``seconds`` (a stand-in for I/O) before answering.
+    """Make every stage await ``seconds`` before answering (0: the trivial stages).
 
     Rebinds ``STAGES``, which every contender reads when it runs, and records the
     delay in the environment for the child processes of another interpreter.
     """
-    global STAGES, STAGE_DELAY
-    STAGE_DELAY = seconds
+    global STAGES
     os.environ[STAGE_DELAY_ENV] = repr(seconds)
-    if not seconds:
+    if seconds:
+        STAGES = tuple(_waiting(f"wait_{n}", seconds) for n in "abc")
+    else:
         STAGES = (step_a, step_b, step_c)
-        return
-
-    async def wait_a(x: int) -> int:
-        await anyio.sleep(seconds)
-        return x + 1
-
-    async def wait_b(x: int) -> int:
-        await anyio.sleep(seconds)
-        return x + 1
-
-    async def wait_c(x: int) -> int:
-        await anyio.sleep(seconds)
-        return x + 1
-
-    STAGES = (wait_a, wait_b, wait_c)
 
 
 if os.environ.get(STAGE_DELAY_ENV):

@@ -136,7 +136,8 @@ class Reorder:
                     counters.processed += 1
                 self.next_emit += 1
                 counters.reorder_window = self.next_seq - self.next_emit
-                self.room_changed()
+                if self._room is not None:  # (the check inline: once per item)
+                    self.room_changed()
                 entry = done.pop(self.next_emit, None)
                 if entry is None:
                     break
