@@ -12,8 +12,8 @@ import anyio
 from anyio import WouldBlock
 from anyio.abc import TaskStatus
 from anyio.lowlevel import checkpoint
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._channel import Channel
 from ._cleanup import Cleanups, in_cancelled_scope
 from ._errors import add_note, spurious_cancellation
 from ._loops import CHECKPOINT_EVERY
@@ -207,17 +207,12 @@ class Run:
         except Exception as exc:
             self.fail(exc, "raised while preparing the scaling strategies")
             return
-        first_send, inbox = anyio.create_memory_object_stream[Any](
-            plan.buffer_for(plan.stages[0])
-        )
+        first = inbox = Channel(plan.buffer_for(plan.stages[0]))
         stages: list[Stage] = []
         for index, stage_plan in enumerate(plan.stages):
-            outbox: MemoryObjectSendStream[Any] | None = None
-            next_inbox: MemoryObjectReceiveStream[Any] | None = None
+            outbox: Channel | None = None
             if index + 1 < len(plan.stages):
-                outbox, next_inbox = anyio.create_memory_object_stream[Any](
-                    plan.buffer_for(plan.stages[index + 1])
-                )
+                outbox = Channel(plan.buffer_for(plan.stages[index + 1]))
             stage = Stage(
                 self, stage_plan, strategies[index], self.counters[index], inbox, outbox
             )
@@ -225,8 +220,8 @@ class Run:
                 stages[-1].next = stage
                 stages[-1].counters.output = stage.counters
             stages.append(stage)
-            if next_inbox is not None:
-                inbox = next_inbox
+            if outbox is not None:
+                inbox = outbox
         self._pending_ready = sum(initials)
 
         try:
@@ -241,7 +236,7 @@ class Run:
                     )
                 if self._pending_ready:
                     await self._ready.wait()
-                tg.start_soon(self._produce, first_send, stages[0], name="producer")
+                tg.start_soon(self._produce, first, stages[0], name="producer")
                 self.started = True
                 logger.debug(
                     "flow started: %s",
@@ -261,15 +256,17 @@ class Run:
         finally:
             # Stages and the producer close their own ends; a run that failed
             # before starting them must not leak the rest.
-            first_send.close()
+            first.close_send()
             for stage in stages:
                 stage.close_streams()
 
-    async def _produce(self, send: MemoryObjectSendStream[Any], first: Stage) -> None:
+    async def _produce(self, send: Channel, first: Stage) -> None:
         counters = first.counters
         controller = first.controller
         clock = self.clock
-        send_nowait = send.send_nowait
+        buffer = send.buffer
+        put = buffer.append
+        receivers = send.receivers
         # A fixed pool's gate never opens: a local flag skips the comparison.
         sampled = controller.gated
         try:
@@ -285,12 +282,15 @@ class Run:
                         counters.offered += 1
                         if sampled and counters.offered >= counters.enqueue_gate:
                             controller.on_enqueue_gate()
-                        try:
-                            send_nowait(item)
-                        except WouldBlock:
-                            counters.last_enqueue_at = clock()
-                            await self._hand_over(send, item)
-                            budget = CHECKPOINT_EVERY
+                        if not receivers and len(buffer) < send.limit:
+                            put(item)
+                        else:
+                            try:
+                                send.send_nowait(item)
+                            except WouldBlock:
+                                counters.last_enqueue_at = clock()
+                                await self._hand_over(send, item)
+                                budget = CHECKPOINT_EVERY
                         del item
                         budget -= 1
                         if not budget:
@@ -313,15 +313,16 @@ class Run:
         except BaseException as exc:
             self.fail(exc, "raised by the producer")
         finally:
-            send.close()
+            send.close_send()
             first.input_closed()
 
-    async def _hand_over(self, send: MemoryObjectSendStream[Any], item: Any) -> None:
-        """Wait until stage 1 takes ``item``; a drain never interrupts this."""
+    async def _hand_over(self, send: Channel, item: Any) -> None:
+        """Wait until stage 1 takes ``item`` (``send_nowait`` would block); a drain
+        never interrupts this."""
         if not self.drain_requested:
             self._producer_sending = True
             try:
-                await send.send(item)
+                await send.send_waiting(item)
             finally:
                 self._producer_sending = False
             return
@@ -333,7 +334,7 @@ class Run:
                 self._handoff_scope.cancel()
             # If stage 1 is gone, the item counts as dropped.
             with contextlib.suppress(anyio.BrokenResourceError):
-                await send.send(item)
+                await send.send_waiting(item)
         self._handoff_scope = None
 
     async def route_error(self, stage: Stage, item: Any, exc: Exception) -> None:

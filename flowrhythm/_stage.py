@@ -10,8 +10,8 @@ import anyio
 from anyio import EndOfStream, WouldBlock
 from anyio.abc import TaskStatus
 from anyio.lowlevel import checkpoint
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._channel import Channel
 from ._cleanup import in_cancelled_scope
 from ._controller import Controller
 from ._errors import add_note, spurious_cancellation
@@ -50,8 +50,8 @@ class Stage:
         plan: StagePlan,
         strategy: ScalingPolicy,
         counters: StageCounters,
-        inbox: MemoryObjectReceiveStream[Any],
-        outbox: MemoryObjectSendStream[Any] | None,
+        inbox: Channel,
+        outbox: Channel | None,
     ) -> None:
         self.run = run
         self.plan = plan
@@ -122,8 +122,8 @@ class Stage:
 
     def close_streams(self) -> None:
         if self.outbox is not None:
-            self.outbox.close()
-        self.inbox.close()
+            self.outbox.close_send()
+        self.inbox.close_receive()
 
     def input_closed(self) -> None:
         """Upstream will send nothing more (its side of our inbox is closed)."""
@@ -163,9 +163,10 @@ class Stage:
         """Retire up to ``count`` workers that are waiting for input; return how many.
 
         Only the scope around an idle worker's receive is cancelled, never a worker
-        holding an item. anyio's memory streams do not hand an item to a receiver
-        whose cancellation is pending, so no item is lost; if one was handed over in
-        the same step, the worker keeps it and stays (see ``_receive_or_retire``).
+        holding an item. A channel wakes a receiver rather than handing it an item,
+        so a retired worker leaves the item queued; if the wake-up and the
+        cancellation land in the same step and the wake-up wins, the worker keeps
+        its item and stays (see ``_receive_or_retire``).
         """
         retired = 0
         while retired < count and self._idle_scopes:
@@ -181,8 +182,7 @@ class Stage:
         counters = self.counters
         return (
             not counters.idle
-            and counters.offered - counters.taken
-            >= self.inbox.statistics().max_buffer_size
+            and counters.offered - counters.taken >= self.inbox.capacity
         )
 
     @property
@@ -251,8 +251,9 @@ class Stage:
     async def _loop(self, fn: Callable[[Any], Awaitable[Any]]) -> None:
         """Receive, call, send: the hot path of a transformer.
 
-        Non-blocking stream operations first, the awaiting form only when they
-        would block. A worker that never blocks checkpoints every
+        The channels' deques are used directly while nothing waits on either side
+        (an append, a pop); the channel's methods only when a task is parked there
+        or the buffer is full or empty. A worker that never blocks checkpoints every
         ``CHECKPOINT_EVERY`` items and refreshes the stage's timestamps there, so
         the common path costs no clock read and no event-loop round trip. The
         scaler's sampling gates are one integer comparison each. Items this stage
@@ -263,9 +264,15 @@ class Stage:
         fn = self.policy.wrap(fn)
         counters = self.counters
         controller = self.controller
-        receive_nowait = self.inbox.receive_nowait
+        inbox = self.inbox
+        in_buffer = inbox.buffer
+        take = in_buffer.popleft
+        in_senders = inbox.senders
+        outbox = self.outbox
+        out_buffer = outbox.buffer
+        put = out_buffer.append
+        out_receivers = outbox.receivers
         on_error = self.run.route_error
-        send_nowait = self.outbox.send_nowait
         downstream = self.next.counters
         next_controller = self.next.controller
         # Fixed pools never open a gate: a local flag skips both comparisons.
@@ -290,18 +297,24 @@ class Stage:
                 downstream.offered += 1
                 if next_sampled and downstream.offered >= downstream.enqueue_gate:
                     next_controller.on_enqueue_gate()
-                try:
-                    send_nowait(result)
-                except WouldBlock:
-                    await self.send_blocking(result)
-                    budget = CHECKPOINT_EVERY
+                if not out_receivers and len(out_buffer) < outbox.limit:
+                    put(result)
+                else:
+                    try:
+                        outbox.send_nowait(result)
+                    except WouldBlock:
+                        await self.send_blocking(result)
+                        budget = CHECKPOINT_EVERY
             del item  # not held while waiting for the next one
             budget -= 1
             if not budget:
                 budget = CHECKPOINT_EVERY
                 await self.pause()
+            if in_buffer and not in_senders:
+                item = take()
+                continue
             try:
-                item = receive_nowait()
+                item = inbox.receive_nowait()
             except WouldBlock:
                 counters.idle += 1
                 item = await self.receive_blocking()
@@ -319,7 +332,10 @@ class Stage:
         fn = self.policy.wrap(fn)
         counters = self.counters
         controller = self.controller
-        receive_nowait = self.inbox.receive_nowait
+        inbox = self.inbox
+        in_buffer = inbox.buffer
+        take = in_buffer.popleft
+        in_senders = inbox.senders
         on_error = self.run.route_error
         sampled = controller.gated
         budget = CHECKPOINT_EVERY
@@ -343,8 +359,11 @@ class Stage:
             if not budget:
                 budget = CHECKPOINT_EVERY
                 await self.pause()
+            if in_buffer and not in_senders:
+                item = take()
+                continue
             try:
-                item = receive_nowait()
+                item = inbox.receive_nowait()
             except WouldBlock:
                 counters.idle += 1
                 item = await self.receive_blocking()
@@ -420,8 +439,11 @@ class Stage:
 
     async def take(self, receive: Receive | None = None) -> Any:
         """Return the next item for a worker holding none (``END``, ``RETIRED``)."""
+        inbox = self.inbox
+        if inbox.buffer and not inbox.senders:
+            return inbox.buffer.popleft()
         try:
-            return self.inbox.receive_nowait()
+            return inbox.receive_nowait()
         except WouldBlock:
             self.counters.idle += 1
             return await self.receive_blocking(receive)
@@ -443,8 +465,12 @@ class Stage:
         downstream.offered += 1
         if downstream.offered >= downstream.enqueue_gate:
             self.next.controller.on_enqueue_gate()
+        outbox = self.outbox
+        if not outbox.receivers and len(outbox.buffer) < outbox.limit:
+            outbox.buffer.append(output)
+            return True
         try:
-            self.outbox.send_nowait(output)
+            outbox.send_nowait(output)
         except WouldBlock:
             return False
         return True
@@ -457,7 +483,7 @@ class Stage:
         counters.blocked_sends += 1
         try:
             self.next.counters.last_enqueue_at = self.run.clock()
-            await self.outbox.send(result)
+            await self.outbox.send_waiting(result)
         finally:
             counters.blocked -= 1
 

@@ -932,7 +932,7 @@ async def test_drain_with_timeout_while_something_hangs(
         assert ledger.consumed == [0, 1, 2]
         ledger.verify(flow, aborted=True)
         # item 3 in the handler's hands, 4 and 5 queued behind it
-        assert flow.stats()["t1"].dropped == 3
+        assert flow.stats()["t1"].dropped == 3, flow.stats()
     else:
         assert not cut_off
         ledger.verify(flow, aborted=False)

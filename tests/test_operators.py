@@ -896,7 +896,15 @@ async def test_ordered_stays_ordered_while_the_pool_is_resized(
             await checkpoint()
         return x
 
-    flow = new_flow(source(range(count)), results)
+    async def in_bursts() -> AsyncIterator[int]:
+        # The stage runs dry between bursts: idle workers are what a pool sheds.
+        for x in range(count):
+            if x % 20 == 0:
+                for _ in range(30):
+                    await checkpoint()
+            yield x
+
+    flow = new_flow(in_bursts, results)
     flow.add_transformer(work, scaling_strategy=scaling, ordered=True)
     await run_flow(flow)
 
