@@ -108,10 +108,10 @@ class Channel:
             return item
         if self.senders:
             return self._relieve_sender()
-        if self.send_closed:
-            raise EndOfStream
         if self.receive_closed:
             raise ClosedResourceError
+        if self.send_closed:
+            raise EndOfStream
         raise WouldBlock
 
     async def receive(self) -> Any:
@@ -156,7 +156,8 @@ class Channel:
         return item
 
     def _wake_receiver(self) -> None:
-        self.limit += 1  # until it runs, see receive_waiting
+        if not self.receive_closed:
+            self.limit += 1  # until it runs, see receive_waiting
         self.receivers.popleft().set()
 
     # -- closing ----------------------------------------------------------------
@@ -175,3 +176,7 @@ class Channel:
         self.buffer.clear()
         while self.senders:
             self.senders.popleft().event.set()
+        # (the runtime closes a stage's input once its workers are gone, so none
+        # waits here; any that does sees the end)
+        while self.receivers:
+            self._wake_receiver()

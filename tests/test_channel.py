@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio import BrokenResourceError, EndOfStream, WouldBlock
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 from anyio.lowlevel import checkpoint
 from hypothesis import given
 from hypothesis import strategies as st
@@ -183,6 +183,30 @@ async def test_closing_the_receiving_side_breaks_senders(anyio_backend: Any) -> 
         channel.send_nowait(2)
 
 
+async def test_closing_the_receiving_side_releases_its_own_receivers(
+    anyio_backend: Any,
+) -> None:
+    """Not a state the runtime creates (a stage closes its input after its workers
+    are gone), but a channel in it must neither hang nor reopen."""
+    channel = Channel(2)
+    outcome: list[str] = []
+
+    async def receive() -> None:
+        try:
+            await channel.receive()
+        except ClosedResourceError:
+            outcome.append("closed")
+
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receive)
+            await anyio.wait_all_tasks_blocked()
+            channel.close_receive()
+            channel.close_send()
+    assert outcome == ["closed"]
+    assert not len(channel.buffer) < channel.limit
+
+
 async def test_a_cancelled_sender_leaves_nothing_behind(anyio_backend: Any) -> None:
     channel = Channel(0)
     with anyio.fail_after(GUARD):
@@ -283,24 +307,62 @@ async def test_a_receiver_woken_but_beaten_to_the_item_waits_again(
     assert channel.limit == channel.capacity
 
 
+def _send_inline(channel: Channel, item: Any) -> bool:
+    """What the hot loops do before calling the channel's methods."""
+    if not channel.receivers and len(channel.buffer) < channel.limit:
+        channel.buffer.append(item)
+        return True
+    return False
+
+
+def _receive_inline(channel: Channel) -> tuple[bool, Any]:
+    if channel.buffer and not channel.senders:
+        return True, channel.buffer.popleft()
+    return False, None
+
+
 async def _shuffle(
     capacity: int, senders: int, receivers: int, per_sender: int, seed: int
 ) -> None:
-    """Tasks on both sides that pause at random and are cancelled at random; every
-    item a sender did not withdraw is received exactly once, in its sender's order."""
+    """Both sides pause at random, use the hot loops' inline paths or the methods
+    at random, and are cancelled at random: a sender before it sends, a waiting
+    receiver from a sender's task just before or after a send (the scale-down
+    case, in the same step as the wake-up; the last one is replaced). Every
+    item a sender did not withdraw is received exactly once; with one receiver at
+    a time, in its sender's order."""
     rng = random.Random(seed)
     channel = Channel(capacity)
     received: list[tuple[int, int]] = []
     withdrawn: list[tuple[int, int]] = []
+    waiting: dict[anyio.CancelScope, None] = {}
+    alive = [receivers]
+
+    def no_lost_wake_up() -> None:
+        # While receivers wait, every queued item has a receiver woken for it
+        # (each raises ``limit`` by one until it runs).
+        if channel.receivers:
+            assert len(channel.buffer) <= channel.limit - capacity
 
     async def pause() -> None:
+        no_lost_wake_up()
         for _ in range(rng.randrange(3)):
             await checkpoint()
+            no_lost_wake_up()
+
+    def retire_one() -> None:
+        if waiting and rng.random() < 0.3:
+            scope = rng.choice(list(waiting))
+            del waiting[scope]
+            scope.cancel()
 
     async def send(sender: int) -> None:
         for n in range(per_sender):
             item = (sender, n)
             await pause()
+            retire_one()  # its cancellation is on its way: the send may wake it
+            if rng.random() < 0.5 and _send_inline(channel, item):
+                retire_one()
+                continue
             with anyio.CancelScope() as scope:
                 if rng.random() < 0.1:
                     scope.cancel()
@@ -308,38 +370,57 @@ async def _shuffle(
             if scope.cancelled_caught and item not in channel.buffer:
                 # cancelled while queued (withdrawn), or just as a receiver took it
                 withdrawn.append(item)
+            retire_one()
 
-    async def receive() -> None:
+    async def receive(tg: anyio.abc.TaskGroup) -> None:
         while True:
-            with anyio.CancelScope() as scope:
-                if rng.random() < 0.1:
-                    scope.cancel()
-                try:
-                    item = await channel.receive()
-                except EndOfStream:
+            took, item = (
+                _receive_inline(channel) if rng.random() < 0.5 else (False, None)
+            )
+            if not took:
+                with anyio.CancelScope() as scope:
+                    waiting[scope] = None
+                    try:
+                        item = await channel.receive()
+                    except EndOfStream:
+                        return
+                    finally:
+                        waiting.pop(scope, None)
+                if scope.cancelled_caught:
+                    # Retired. The pool shrinks, down to one: the last is replaced
+                    # (a replacement would look at the buffer, hiding lost wake-ups).
+                    alive[0] -= 1
+                    if not alive[0]:
+                        alive[0] += 1
+                        tg.start_soon(receive, tg)
                     return
-            if not scope.cancelled_caught:
-                received.append(item)
+            received.append(item)
             await pause()
 
     with anyio.fail_after(GUARD):
         async with anyio.create_task_group() as tg:
             for _ in range(receivers):
-                tg.start_soon(receive)
+                tg.start_soon(receive, tg)
             async with anyio.create_task_group() as sending:
                 for sender in range(senders):
                     sending.start_soon(send, sender)
+            # Quiet: no item may sit in the buffer while a receiver waits for one
+            # (a lost wake-up, which closing the channel would hide).
+            await anyio.wait_all_tasks_blocked()
+            assert not (channel.buffer and channel.receivers)
+            assert channel.limit == capacity
             channel.close_send()
     delivered = set(received)
     assert len(delivered) == len(received)  # nothing twice
     everything = {(s, n) for s in range(senders) for n in range(per_sender)}
     assert everything - delivered <= set(withdrawn)  # nothing lost
-    for sender in range(senders):
-        mine = [n for s, n in received if s == sender]
-        if receivers == 1:
+    if receivers == 1:
+        for sender in range(senders):
+            mine = [n for s, n in received if s == sender]
             assert mine == sorted(mine)
     assert not channel.receivers
     assert not channel.senders
+    assert channel.limit == capacity
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
