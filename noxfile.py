@@ -118,7 +118,7 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHONS[:1])
 def tests_oldest(session: nox.Session) -> None:
     """Run the tests against the oldest anyio the package declares it supports."""
-    session.install(".[test]", "anyio==4.6.0")
+    session.install(".[test]", "anyio==4.14.0")
     session.run("pytest", *session.posargs)
 
 
