@@ -258,7 +258,7 @@ class Run:
             # before starting them must not leak the rest.
             first.close_send()
             for stage in stages:
-                stage.close_streams()
+                stage.close_channels()
 
     async def _produce(self, send: Channel, first: Stage) -> None:
         counters = first.counters

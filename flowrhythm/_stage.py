@@ -1,4 +1,4 @@
-"""A stage at run time: its input stream, its worker pool and the worker loop."""
+"""A stage at run time: its input channel, its worker pool and the worker loop."""
 
 from __future__ import annotations
 
@@ -116,11 +116,11 @@ class Stage:
             self.run.cancelling()
             raise
         finally:
-            self.close_streams()
+            self.close_channels()
             if self.next is not None:
                 self.next.input_closed()
 
-    def close_streams(self) -> None:
+    def close_channels(self) -> None:
         if self.outbox is not None:
             self.outbox.close_send()
         self.inbox.close_receive()
