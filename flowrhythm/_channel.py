@@ -73,13 +73,6 @@ class Channel:
         else:
             raise WouldBlock
 
-    async def send(self, item: Any) -> None:
-        """Queue ``item``, waiting for room."""
-        try:
-            self.send_nowait(item)
-        except WouldBlock:
-            await self.send_waiting(item)
-
     async def send_waiting(self, item: Any) -> None:
         """Wait until a receiver takes ``item`` (after ``send_nowait`` would block)."""
         sender = _Sender(item)

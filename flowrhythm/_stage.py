@@ -439,11 +439,8 @@ class Stage:
 
     async def take(self, receive: Receive | None = None) -> Any:
         """Return the next item for a worker holding none (``END``, ``RETIRED``)."""
-        inbox = self.inbox
-        if inbox.buffer and not inbox.senders:
-            return inbox.buffer.popleft()
         try:
-            return inbox.receive_nowait()
+            return self.inbox.receive_nowait()
         except WouldBlock:
             self.counters.idle += 1
             return await self.receive_blocking(receive)
@@ -465,12 +462,8 @@ class Stage:
         downstream.offered += 1
         if downstream.offered >= downstream.enqueue_gate:
             self.next.controller.on_enqueue_gate()
-        outbox = self.outbox
-        if not outbox.receivers and len(outbox.buffer) < outbox.limit:
-            outbox.buffer.append(output)
-            return True
         try:
-            outbox.send_nowait(output)
+            self.outbox.send_nowait(output)
         except WouldBlock:
             return False
         return True

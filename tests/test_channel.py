@@ -21,6 +21,14 @@ pytestmark = pytest.mark.anyio
 GUARD = 10
 
 
+async def send_or_wait(channel: Channel, item: Any) -> None:
+    """What the runtime does: queue without waiting if it can, else wait."""
+    try:
+        channel.send_nowait(item)
+    except WouldBlock:
+        await channel.send_waiting(item)
+
+
 async def test_fifo_and_bounded(anyio_backend: Any) -> None:
     channel = Channel(3)
     for x in range(3):
@@ -40,7 +48,7 @@ async def test_a_full_channel_makes_the_sender_wait_for_a_receiver(
     sent = anyio.Event()
 
     async def send() -> None:
-        await channel.send(1)
+        await send_or_wait(channel, 1)
         sent.set()
 
     with anyio.fail_after(GUARD):
@@ -72,7 +80,7 @@ async def test_size_zero_hands_items_from_sender_to_receiver(
                 channel.send_nowait(0)  # nobody waits to receive
             tg.start_soon(receive)
             for x in range(5):
-                await channel.send(x)
+                await send_or_wait(channel, x)
                 # the receiver holds it; nothing sits in the buffer
                 assert len(channel.buffer) <= 1
             channel.close_send()
@@ -93,7 +101,7 @@ async def test_size_zero_lets_no_sender_past_a_receiver_holding_an_item(
 
     async def send() -> None:
         for x in range(2):
-            await channel.send(x)
+            await send_or_wait(channel, x)
             sent.append(x)
 
     with anyio.fail_after(GUARD):
@@ -166,7 +174,7 @@ async def test_closing_the_receiving_side_breaks_senders(anyio_backend: Any) -> 
     async def send() -> None:
         nonlocal broken
         with pytest.raises(BrokenResourceError):
-            await channel.send(1)
+            await send_or_wait(channel, 1)
         broken += 1
 
     with anyio.fail_after(GUARD):
@@ -215,7 +223,7 @@ async def test_a_cancelled_sender_leaves_nothing_behind(anyio_backend: Any) -> N
             async def send() -> None:
                 with anyio.CancelScope() as scope:
                     scopes.append(scope)
-                    await channel.send("withdrawn")
+                    await send_or_wait(channel, "withdrawn")
 
             scopes: list[anyio.CancelScope] = []
             tg.start_soon(send)
@@ -240,7 +248,7 @@ async def test_a_sender_cancelled_as_the_receiving_side_closes(
         with anyio.CancelScope() as scope:
             scopes.append(scope)
             try:
-                await channel.send(1)
+                await send_or_wait(channel, 1)
             except BrokenResourceError:
                 outcome.append("broken")
                 return
@@ -366,7 +374,7 @@ async def _shuffle(
             with anyio.CancelScope() as scope:
                 if rng.random() < 0.1:
                     scope.cancel()
-                await channel.send(item)
+                await send_or_wait(channel, item)
             if scope.cancelled_caught and item not in channel.buffer:
                 # cancelled while queued (withdrawn), or just as a receiver took it
                 withdrawn.append(item)
