@@ -10,33 +10,35 @@ So an item is never inside a task that is about to be cancelled: a woken receive
 whose cancellation wins leaves the item queued (and passes the wake-up on), and
 the order of the items is the order of the buffer. A waiting sender, on the other
 hand, is relieved of its item by the receiving side, so that a buffer of size 0
-still moves items; if it is cancelled in that same step the item has gone through
-anyway, and the stage counters (not the sender) say where it went.
+still moves items. Either side passes over a parked task whose cancellation has
+already arrived (see ``_parking``): a sender cancelled while it waits keeps its
+item. On asyncio a sender can still be relieved and then cancelled before it
+runs; its item has gone through, and the stage counters (not the sender) say
+where it went.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-import anyio
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 
+from ._parking import Parked, parking
 
-class _Sender:
-    __slots__ = ("delivered", "event", "item")
-
-    def __init__(self, item: Any) -> None:
-        self.event = anyio.Event()
-        self.item = item
-        self.delivered = False
+#: what a relieved sender's ``item`` becomes; what relieving returns if every
+#: waiting sender was already on its way out
+_HANDED_OVER: Any = object()
+_NOBODY: Any = object()
 
 
 class Channel:
     """One producer side, one consumer side, any number of tasks on each."""
 
     __slots__ = (
+        "_park",
         "buffer",
         "capacity",
         "limit",
@@ -46,16 +48,18 @@ class Channel:
         "senders",
     )
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, park: Callable[[], Parked] | None = None) -> None:
+        self._park = parking() if park is None else park
         self.buffer: deque[Any] = deque()
         self.capacity = capacity
         #: how many items the buffer may hold right now: ``capacity``, plus one per
         #: woken receiver (its item waits in the buffer but is spoken for); 0 once
         #: the receiving side closed, so that a fast-path append cannot succeed
         self.limit = capacity
-        #: parked receivers, longest waiting first
-        self.receivers: deque[anyio.Event] = deque()
-        self.senders: deque[_Sender] = deque()
+        #: parked receivers, longest waiting first (some may be on their way out)
+        self.receivers: deque[Parked] = deque()
+        #: parked senders with their items, longest waiting first
+        self.senders: deque[Parked] = deque()
         self.send_closed = False
         self.receive_closed = False
 
@@ -65,27 +69,25 @@ class Channel:
         """Queue ``item``; ``WouldBlock`` if that needs a wait."""
         if self.receive_closed:
             raise BrokenResourceError
-        if self.receivers:
-            self.buffer.append(item)
-            self._wake_receiver()
-        elif len(self.buffer) < self.limit:
+        if (self.receivers and self._wake_receiver()) or len(self.buffer) < self.limit:
             self.buffer.append(item)
         else:
             raise WouldBlock
 
     async def send_waiting(self, item: Any) -> None:
         """Wait until a receiver takes ``item`` (after ``send_nowait`` would block)."""
-        sender = _Sender(item)
+        sender = self._park()
+        sender.item = item
         self.senders.append(sender)
         try:
-            await sender.event.wait()
+            await sender.wait()
         except BaseException:
-            # Still queued, unless a receiver took the item or the receiving side
-            # closed (both dequeue the sender before waking it).
-            with contextlib.suppress(ValueError):
-                self.senders.remove(sender)
+            if not sender.woken:
+                # Still queued, unless a receiver passed over it already.
+                with contextlib.suppress(ValueError):
+                    self.senders.remove(sender)
             raise
-        if not sender.delivered:
+        if sender.item is not _HANDED_OVER:
             raise BrokenResourceError  # the receiving side closed
 
     # -- receiving --------------------------------------------------------------
@@ -97,10 +99,14 @@ class Channel:
         if buffer:
             item = buffer.popleft()
             if self.senders and len(buffer) < self.limit:
-                buffer.append(self._relieve_sender())
+                relieved = self._relieve_sender()
+                if relieved is not _NOBODY:
+                    buffer.append(relieved)
             return item
         if self.senders:
-            return self._relieve_sender()
+            item = self._relieve_sender()
+            if item is not _NOBODY:
+                return item
         if self.receive_closed:
             raise ClosedResourceError
         if self.send_closed:
@@ -117,20 +123,22 @@ class Channel:
     async def receive_waiting(self) -> Any:
         """Wait for the next item (after ``receive_nowait`` would block)."""
         receivers = self.receivers
-        event = anyio.Event()
-        receivers.append(event)
+        receiver = self._park()
+        receivers.append(receiver)
         while True:
             try:
-                await event.wait()
+                await receiver.wait()
             except BaseException:
-                try:
-                    receivers.remove(event)
-                except ValueError:
+                if receiver.woken:
                     # Woken for an item, but the cancellation won: the item stays
                     # queued for the next receiver in line.
                     self.limit -= 1
                     if self.buffer and receivers:
                         self._wake_receiver()
+                else:
+                    # Still queued, unless a sender passed over it already.
+                    with contextlib.suppress(ValueError):
+                        receivers.remove(receiver)
                 raise
             self.limit -= 1
             try:
@@ -138,20 +146,28 @@ class Channel:
             except WouldBlock:
                 # A task that did not wait took the item first: wait again, first
                 # in line.
-                event = anyio.Event()
-                receivers.appendleft(event)
+                receiver = self._park()
+                receivers.appendleft(receiver)
 
     def _relieve_sender(self) -> Any:
-        sender = self.senders.popleft()
-        item, sender.item = sender.item, None
-        sender.delivered = True
-        sender.event.set()
-        return item
+        """Take the item of the longest-waiting sender still waiting, or ``_NOBODY``."""
+        senders = self.senders
+        while senders:
+            sender = senders.popleft()
+            if sender.wake():
+                item, sender.item = sender.item, _HANDED_OVER
+                return item
+        return _NOBODY
 
-    def _wake_receiver(self) -> None:
-        if not self.receive_closed:
-            self.limit += 1  # until it runs, see receive_waiting
-        self.receivers.popleft().set()
+    def _wake_receiver(self) -> bool:
+        """Wake the longest-waiting receiver still waiting; whether there was one."""
+        receivers = self.receivers
+        while receivers:
+            if receivers.popleft().wake():
+                if not self.receive_closed:
+                    self.limit += 1  # until it runs, see receive_waiting
+                return True
+        return False
 
     # -- closing ----------------------------------------------------------------
 
@@ -168,7 +184,7 @@ class Channel:
         self.limit = 0
         self.buffer.clear()
         while self.senders:
-            self.senders.popleft().event.set()
+            self.senders.popleft().wake()
         # (the runtime closes a stage's input once its workers are gone, so none
         # waits here; any that does sees the end)
         while self.receivers:

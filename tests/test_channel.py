@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -16,9 +17,17 @@ from hypothesis import strategies as st
 from test_properties import BACKENDS, SETTINGS
 
 from flowrhythm._channel import Channel
+from flowrhythm._parking import Parked, portable_parking
 
 pytestmark = pytest.mark.anyio
 GUARD = 10
+
+
+@pytest.fixture(params=["native", "portable"])
+def park(request: pytest.FixtureRequest) -> Callable[[], Parked] | None:
+    """How the channel parks tasks: the loop's own way (the default), or the
+    portable fallback on anyio's ``Event``."""
+    return None if request.param == "native" else portable_parking()
 
 
 async def send_or_wait(channel: Channel, item: Any) -> None:
@@ -215,8 +224,10 @@ async def test_closing_the_receiving_side_releases_its_own_receivers(
     assert not len(channel.buffer) < channel.limit
 
 
-async def test_a_cancelled_sender_leaves_nothing_behind(anyio_backend: Any) -> None:
-    channel = Channel(0)
+async def test_a_cancelled_sender_leaves_nothing_behind(
+    anyio_backend: Any, park: Callable[[], Parked] | None
+) -> None:
+    channel = Channel(0, park)
     with anyio.fail_after(GUARD):
         async with anyio.create_task_group() as tg:
 
@@ -236,11 +247,11 @@ async def test_a_cancelled_sender_leaves_nothing_behind(anyio_backend: Any) -> N
 
 
 async def test_a_sender_cancelled_as_the_receiving_side_closes(
-    anyio_backend: Any,
+    anyio_backend: Any, park: Callable[[], Parked] | None
 ) -> None:
     """Both dequeue the waiting sender: it must see its cancellation (caught by its
     scope), not an error from the queue."""
-    channel = Channel(0)
+    channel = Channel(0, park)
     scopes: list[anyio.CancelScope] = []
     outcome: list[str] = []
 
@@ -264,11 +275,12 @@ async def test_a_sender_cancelled_as_the_receiving_side_closes(
 
 
 async def test_a_receiver_cancelled_as_it_is_woken_passes_the_item_on(
-    anyio_backend: Any,
+    anyio_backend: Any, park: Callable[[], Parked] | None
 ) -> None:
     """A receiver woken for an item while its cancellation is on its way leaves
-    the item to the next receiver in line."""
-    channel = Channel(4)
+    the item to the next receiver in line (natively, the send passes over it;
+    with the fallback, it passes the wake-up on)."""
+    channel = Channel(4, park)
     got: dict[str, list[int]] = {"first": [], "second": []}
     scopes: dict[str, anyio.CancelScope] = {}
 
@@ -315,6 +327,54 @@ async def test_a_receiver_woken_but_beaten_to_the_item_waits_again(
     assert channel.limit == channel.capacity
 
 
+async def test_a_sender_cancelled_while_it_waits_keeps_its_item(
+    anyio_backend: Any,
+) -> None:
+    """Its cancellation arrived first, so a receiver making room passes over it
+    (the fallback cannot tell, and would take the item)."""
+    channel = Channel(1)
+    channel.send_nowait(0)
+    scopes: list[anyio.CancelScope] = []
+
+    async def send() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await send_or_wait(channel, 1)
+
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send)
+            await anyio.wait_all_tasks_blocked()
+            scopes[0].cancel()
+            assert channel.receive_nowait() == 0  # before the sender runs again
+            assert not channel.buffer
+            assert not channel.senders
+    assert scopes[0].cancelled_caught
+    with pytest.raises(WouldBlock):
+        channel.receive_nowait()
+
+
+async def test_a_sender_relieved_then_cancelled_has_sent(anyio_backend: Any) -> None:
+    """The other order: the item went through, whatever the sender sees next."""
+    channel = Channel(1)
+    channel.send_nowait(0)
+    scopes: list[anyio.CancelScope] = []
+
+    async def send() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await send_or_wait(channel, 1)
+
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send)
+            await anyio.wait_all_tasks_blocked()
+            assert channel.receive_nowait() == 0
+            scopes[0].cancel()
+    assert list(channel.buffer) == [1]
+    assert not channel.senders
+
+
 def _send_inline(channel: Channel, item: Any) -> bool:
     """What the hot loops do before calling the channel's methods."""
     if not channel.receivers and len(channel.buffer) < channel.limit:
@@ -330,7 +390,12 @@ def _receive_inline(channel: Channel) -> tuple[bool, Any]:
 
 
 async def _shuffle(
-    capacity: int, senders: int, receivers: int, per_sender: int, seed: int
+    capacity: int,
+    senders: int,
+    receivers: int,
+    per_sender: int,
+    seed: int,
+    portable: bool,
 ) -> None:
     """Both sides pause at random, use the hot loops' inline paths or the methods
     at random, and are cancelled at random: a sender before it sends, a waiting
@@ -339,7 +404,7 @@ async def _shuffle(
     item a sender did not withdraw is received exactly once; with one receiver at
     a time, in its sender's order."""
     rng = random.Random(seed)
-    channel = Channel(capacity)
+    channel = Channel(capacity, portable_parking() if portable else None)
     received: list[tuple[int, int]] = []
     withdrawn: list[tuple[int, int]] = []
     waiting: dict[anyio.CancelScope, None] = {}
@@ -439,6 +504,7 @@ async def _shuffle(
     receivers=st.integers(1, 3),
     per_sender=st.integers(0, 30),
     seed=st.integers(0, 2**32),
+    portable=st.booleans(),
 )
 def test_items_are_conserved_under_random_cancellation(
     backend: tuple[str, dict[str, Any]],
@@ -447,10 +513,11 @@ def test_items_are_conserved_under_random_cancellation(
     receivers: int,
     per_sender: int,
     seed: int,
+    portable: bool,
 ) -> None:
     name, options = backend
     anyio.run(
-        partial(_shuffle, capacity, senders, receivers, per_sender, seed),
+        partial(_shuffle, capacity, senders, receivers, per_sender, seed, portable),
         backend=name,
         backend_options=options,
     )
