@@ -149,7 +149,7 @@ def summary(
         flow_rows = [r for r in io if r.contender == "flowrhythm"]
         by_backend: dict[str, list[iobound.IoResult]] = {}
         for io_r in flow_rows:
-            by_backend.setdefault(io_r.backend, []).append(io_r)
+            by_backend.setdefault(f"{io_r.backend}, {io_r.io}", []).append(io_r)
         workers = sorted({io_r.workers for io_r in flow_rows})
         rows = [
             [
@@ -164,7 +164,7 @@ def summary(
         out.append(
             h.format_table(
                 "\nI/O-bound: flowrhythm's items/s as % of workers / 10 ms",
-                ["backend", *(f"{w}w" for w in workers)],
+                ["backend, waiting on", *(f"{w}w" for w in workers)],
                 rows,
             )
         )
