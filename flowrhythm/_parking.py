@@ -54,7 +54,9 @@ class _OnAsyncio:
         return True
 
 
-class _OnAnyio:
+class OnAnyio:
+    """The portable way, on any loop (tests check the channel with it too)."""
+
     __slots__ = ("event", "item", "woken")
 
     def __init__(self) -> None:
@@ -80,9 +82,4 @@ def parking() -> Callable[[], Parked]:
         from ._parking_trio import OnTrio
 
         return OnTrio
-    return _OnAnyio
-
-
-def portable_parking() -> Callable[[], Parked]:
-    """The fallback, on any loop (tests check the channel with it too)."""
-    return _OnAnyio
+    return OnAnyio

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_properties import BACKENDS, SETTINGS
 
 from flowrhythm._channel import Channel
-from flowrhythm._parking import Parked, portable_parking
+from flowrhythm._parking import OnAnyio, Parked
 
 pytestmark = pytest.mark.anyio
 GUARD = 10
@@ -27,7 +27,7 @@ GUARD = 10
 def park(request: pytest.FixtureRequest) -> Callable[[], Parked] | None:
     """How the channel parks tasks: the loop's own way (the default), or the
     portable fallback on anyio's ``Event``."""
-    return None if request.param == "native" else portable_parking()
+    return None if request.param == "native" else OnAnyio
 
 
 async def send_or_wait(channel: Channel, item: Any) -> None:
@@ -36,6 +36,22 @@ async def send_or_wait(channel: Channel, item: Any) -> None:
         channel.send_nowait(item)
     except WouldBlock:
         await channel.send_waiting(item)
+
+
+async def park_sender(
+    tg: anyio.abc.TaskGroup, channel: Channel, item: Any
+) -> anyio.CancelScope:
+    """Start a task sending ``item`` in a cancel scope of its own; return the
+    scope once the task waits."""
+    scope = anyio.CancelScope()
+
+    async def send() -> None:
+        with scope:
+            await send_or_wait(channel, item)
+
+    tg.start_soon(send)
+    await anyio.wait_all_tasks_blocked()
+    return scope
 
 
 async def test_fifo_and_bounded(anyio_backend: Any) -> None:
@@ -230,17 +246,9 @@ async def test_a_cancelled_sender_leaves_nothing_behind(
     channel = Channel(0, park)
     with anyio.fail_after(GUARD):
         async with anyio.create_task_group() as tg:
-
-            async def send() -> None:
-                with anyio.CancelScope() as scope:
-                    scopes.append(scope)
-                    await send_or_wait(channel, "withdrawn")
-
-            scopes: list[anyio.CancelScope] = []
-            tg.start_soon(send)
-            await anyio.wait_all_tasks_blocked()
+            scope = await park_sender(tg, channel, "withdrawn")
             assert len(channel.senders) == 1
-            scopes[0].cancel()
+            scope.cancel()
     assert not channel.senders
     with pytest.raises(WouldBlock):
         channel.receive_nowait()
@@ -327,52 +335,31 @@ async def test_a_receiver_woken_but_beaten_to_the_item_waits_again(
     assert channel.limit == channel.capacity
 
 
-async def test_a_sender_cancelled_while_it_waits_keeps_its_item(
-    anyio_backend: Any,
+@pytest.mark.parametrize(
+    "cancel_first",
+    [True, False],
+    ids=["cancelled-then-room", "relieved-then-cancelled"],
+)
+async def test_a_waiting_sender_cancelled_as_room_is_made(
+    anyio_backend: Any, cancel_first: bool
 ) -> None:
-    """Its cancellation arrived first, so a receiver making room passes over it
-    (the fallback cannot tell, and would take the item)."""
+    """Cancelled first: a receiver making room passes over the sender, which keeps
+    its item (the fallback cannot tell, and would take it). Relieved first: the
+    item went through, whatever the sender sees next."""
     channel = Channel(1)
     channel.send_nowait(0)
-    scopes: list[anyio.CancelScope] = []
-
-    async def send() -> None:
-        with anyio.CancelScope() as scope:
-            scopes.append(scope)
-            await send_or_wait(channel, 1)
-
     with anyio.fail_after(GUARD):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(send)
-            await anyio.wait_all_tasks_blocked()
-            scopes[0].cancel()
+            scope = await park_sender(tg, channel, 1)
+            if cancel_first:
+                scope.cancel()
             assert channel.receive_nowait() == 0  # before the sender runs again
-            assert not channel.buffer
-            assert not channel.senders
-    assert scopes[0].cancelled_caught
-    with pytest.raises(WouldBlock):
-        channel.receive_nowait()
-
-
-async def test_a_sender_relieved_then_cancelled_has_sent(anyio_backend: Any) -> None:
-    """The other order: the item went through, whatever the sender sees next."""
-    channel = Channel(1)
-    channel.send_nowait(0)
-    scopes: list[anyio.CancelScope] = []
-
-    async def send() -> None:
-        with anyio.CancelScope() as scope:
-            scopes.append(scope)
-            await send_or_wait(channel, 1)
-
-    with anyio.fail_after(GUARD):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(send)
-            await anyio.wait_all_tasks_blocked()
-            assert channel.receive_nowait() == 0
-            scopes[0].cancel()
-    assert list(channel.buffer) == [1]
+            if not cancel_first:
+                scope.cancel()
+    assert list(channel.buffer) == ([] if cancel_first else [1])
     assert not channel.senders
+    if cancel_first:
+        assert scope.cancelled_caught
 
 
 def _send_inline(channel: Channel, item: Any) -> bool:
@@ -404,7 +391,7 @@ async def _shuffle(
     item a sender did not withdraw is received exactly once; with one receiver at
     a time, in its sender's order."""
     rng = random.Random(seed)
-    channel = Channel(capacity, portable_parking() if portable else None)
+    channel = Channel(capacity, OnAnyio if portable else None)
     received: list[tuple[int, int]] = []
     withdrawn: list[tuple[int, int]] = []
     waiting: dict[anyio.CancelScope, None] = {}
